@@ -1,0 +1,103 @@
+#include "distill_op.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace kdfused {
+namespace {
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+Divergence parse_divergence(c10::string_view name) {
+  if (name == "forward_kl") return Divergence::kForwardKL;
+  if (name == "reverse_kl") return Divergence::kReverseKL;
+  if (name == "jsd") return Divergence::kJSD;
+  TORCH_CHECK_VALUE(false,
+                    "kdfused: divergence must be one of 'forward_kl', 'reverse_kl', 'jsd', got '",
+                    std::string(name.data(), name.size()), "'");
+}
+
+}  // namespace
+
+DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teacher,
+                               const std::optional<at::Tensor>& labels,
+                               const std::optional<at::Tensor>& grad_scale, double temperature,
+                               double alpha, c10::string_view divergence, double beta,
+                               int64_t ignore_index, bool scale_by_t2) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "kdfused: student logits must be [N, V], got shape ",
+                    student.sizes());
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(),
+                    "kdfused: student and teacher logits must have the same shape, got ",
+                    student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.size(1) > 0, "kdfused: the vocabulary dim V must be > 0, got shape ",
+                    student.sizes());
+  TORCH_CHECK_TYPE(
+      is_supported_dtype(student.scalar_type()) && is_supported_dtype(teacher.scalar_type()),
+      "kdfused: the fused kernels take float32, float16 or bfloat16 logits, got "
+      "student ",
+      student.scalar_type(), " and teacher ", teacher.scalar_type());
+  TORCH_CHECK_VALUE(student.device() == teacher.device(),
+                    "kdfused: student and teacher logits must be on the same device, got ",
+                    student.device(), " and ", teacher.device());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
+                    "kdfused: temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "kdfused: alpha must lie in [0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(beta > 0.0 && beta < 1.0, "kdfused: beta must lie in (0, 1), got ", beta);
+
+  DistillProblem prob;
+  prob.n = student.size(0);
+  prob.v = student.size(1);
+  // Rows may be strided (e.g. a slice of a wider buffer); elements may not.
+  prob.student = student.stride(1) == 1 ? student : student.contiguous();
+  prob.teacher = teacher.stride(1) == 1 ? teacher : teacher.contiguous();
+
+  if (labels.has_value()) {
+    const at::Tensor& y = *labels;
+    TORCH_CHECK_TYPE(y.scalar_type() == at::kLong, "kdfused: labels must be int64, got ",
+                     y.scalar_type());
+    TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == prob.n,
+                      "kdfused: labels must have shape [N] = [", prob.n, "], got ", y.sizes());
+    TORCH_CHECK_VALUE(y.device() == student.device(),
+                      "kdfused: labels must be on the logits' device ", student.device(), ", got ",
+                      y.device());
+    prob.labels = y.contiguous();
+  } else {
+    TORCH_CHECK_VALUE(alpha == 0.0,
+                      "kdfused: labels=None requires alpha == 0, got alpha = ", alpha);
+  }
+  if (grad_scale.has_value()) {
+    const at::Tensor& g = *grad_scale;
+    TORCH_CHECK_VALUE(
+        g.dim() == 0 && g.scalar_type() == at::kFloat && g.device() == student.device(),
+        "kdfused: grad_scale must be a 0-d float32 tensor on ", student.device(), ", got shape ",
+        g.sizes(), " ", g.scalar_type(), " on ", g.device());
+  }
+
+  LossParams& p = prob.params;
+  const double soft_scale = scale_by_t2 ? temperature * temperature : 1.0;
+  p.inv_t = static_cast<float>(1.0 / temperature);
+  p.alpha = static_cast<float>(alpha);
+  p.soft_scale = static_cast<float>(soft_scale);
+  p.soft_coef = static_cast<float>((1.0 - alpha) * soft_scale);
+  p.beta = static_cast<float>(beta);
+  p.log_beta = static_cast<float>(std::log(beta));
+  p.log_1m_beta = static_cast<float>(std::log1p(-beta));
+  p.div = parse_divergence(divergence);
+  p.ignore_index = ignore_index;
+  p.has_labels = labels.has_value();
+  return prob;
+}
+
+DistillResult allocate_outputs(const DistillProblem& prob, bool compute_grad) {
+  const auto rows = prob.student.options().dtype(at::kFloat);
+  at::Tensor hard = at::empty({prob.n}, rows);
+  at::Tensor soft = at::empty({prob.n}, rows);
+  at::Tensor grad = compute_grad ? at::empty({prob.n, prob.v}, prob.student.options())
+                                 : at::empty({0}, prob.student.options());
+  return {hard, soft, grad};
+}
+
+}  // namespace kdfused

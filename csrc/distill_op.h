@@ -1,0 +1,52 @@
+// The device-independent half of the kdfused::distill_forward op: the contract
+// checks every backend relies on, and the declarations of the per-device kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+#include "kdfused_math.h"
+
+namespace kdfused {
+
+// A validated problem: [N, V] logits whose last dim is contiguous (row stride
+// free), [N] contiguous int64 labels, and the folded options.
+struct DistillProblem {
+  at::Tensor student;
+  at::Tensor teacher;
+  std::optional<at::Tensor> labels;
+  LossParams params;
+  int64_t n;
+  int64_t v;
+};
+
+// Checks shapes, dtypes, devices and option values (the label *range* is data
+// dependent and is checked by each kernel before it reads), and makes the
+// inputs kernel-ready, copying only when the last dim is not contiguous.
+DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teacher,
+                               const std::optional<at::Tensor>& labels,
+                               const std::optional<at::Tensor>& grad_scale, double temperature,
+                               double alpha, c10::string_view divergence, double beta,
+                               int64_t ignore_index, bool scale_by_t2);
+
+// hard_rows, soft_rows (float32 [N]) and the gradient (student dtype [N, V], or
+// [0] when compute_grad is false: no N x V buffer is allocated then).
+using DistillResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+DistillResult allocate_outputs(const DistillProblem& prob, bool compute_grad);
+
+// The kernels below compute, per row i, hard_i and soft_i (0 at ignored rows)
+// and, when compute_grad, grad[i] = grad_scale * d loss_i / d s_i, where
+// grad_scale is the optional 0-d float32 tensor (1 when absent; 1 / counted rows
+// for "batchmean", so that backward has nothing left to do when grad_output = 1).
+
+DistillResult distill_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                  const std::optional<at::Tensor>& labels,
+                                  const std::optional<at::Tensor>& grad_scale, double temperature,
+                                  double alpha, c10::string_view divergence, double beta,
+                                  int64_t ignore_index, bool scale_by_t2, bool compute_grad);
+
+}  // namespace kdfused

@@ -1,0 +1,25 @@
+// The kdfused op library: schema, per-device implementations, and an empty
+// Python module so that `import kdfused._C` loads this shared object (whose
+// static initialisers run the registrations below).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "distill_op.h"
+
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+}
+
+TORCH_LIBRARY(kdfused, m) {
+  // Returns (hard_rows, soft_rows, grad); see distill_op.h for the contract.
+  m.def(
+      "distill_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? grad_scale, "
+      "float temperature, float alpha, str divergence, float beta, int ignore_index, "
+      "bool scale_by_t2, bool compute_grad) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(kdfused, CPU, m) { m.impl("distill_forward", &kdfused::distill_forward_cpu); }

@@ -1,0 +1,210 @@
+"""fused_distill_loss: validation, flattening, backend choice, autograd."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import ops, reference
+from ._types import DistillLossOutput
+from ._validation import validate_options, validate_tensors
+
+_warned_fallback = False
+
+
+def _choose_backend(backend: str, device: torch.device) -> str:
+    """Returns "kernel" or "reference" for these tensors (see DESIGN.md section 2)."""
+    global _warned_fallback
+    if backend == "reference":
+        return "reference"
+    if backend == "auto":
+        if ops.has_kernel(device.type):
+            return "kernel"
+        if not _warned_fallback:
+            _warned_fallback = True
+            why = (
+                f"the compiled extension failed to load ({ops.LOAD_ERROR})"
+                if ops.LOAD_ERROR is not None
+                else f"it was built without a kernel for {device.type} tensors"
+            )
+            warnings.warn(
+                f"kdfused: using the slow pure-PyTorch reference because {why}. "
+                "Build it with `pip install --no-build-isolation -e .` (see README).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return "reference"
+    if device.type != backend:
+        raise ValueError(f"backend={backend!r} needs {backend} tensors, got tensors on {device}")
+    if not ops.has_kernel(backend):
+        how = (
+            "install a CUDA build of torch and the CUDA toolkit (or set KDFUSED_FORCE_CUDA=1), "
+            "then rebuild with `pip install --no-build-isolation -e .`"
+            if backend == "cuda"
+            else "build it with `pip install --no-build-isolation -e .`"
+        )
+        detail = f" (import error: {ops.LOAD_ERROR})" if ops.LOAD_ERROR is not None else ""
+        raise RuntimeError(f"kdfused: backend={backend!r} is not built{detail}: {how}")
+    return "kernel"
+
+
+class _FusedDistillFunction(torch.autograd.Function):
+    """Forward runs the fused kernel, which also writes the student gradient of
+    the reduced loss; backward only scales that saved gradient by grad_output."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student,
+        teacher,
+        labels,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        reduction,
+        ignore_index,
+        scale_by_t2,
+        compute_grad,
+    ):
+        # Rows that count: the batchmean divisor, as a tensor (no host sync).
+        if labels is None:
+            count = torch.full((), student.shape[0], dtype=torch.float32, device=student.device)
+        else:
+            count = (labels != ignore_index).sum().to(torch.float32)
+        denom = count.clamp(min=1)
+        grad_scale = denom.reciprocal() if reduction == "batchmean" else None
+        hard, soft, grad = ops.distill_forward(
+            student,
+            teacher,
+            labels,
+            grad_scale,
+            temperature=temperature,
+            alpha=alpha,
+            divergence=divergence,
+            beta=beta,
+            ignore_index=ignore_index,
+            scale_by_t2=scale_by_t2,
+            compute_grad=compute_grad,
+        )
+        # A term whose weight is 0 contributes 0, even where it is inf.
+        if alpha == 0:
+            rows = soft
+        elif alpha == 1:
+            rows = hard
+        else:
+            rows = alpha * hard + (1 - alpha) * soft
+
+        def reduce(x):
+            if reduction == "none":
+                return x
+            return x.sum() if reduction == "sum" else x.sum() / denom
+
+        loss, hard, soft = reduce(rows), reduce(hard), reduce(soft)
+        ctx.mark_non_differentiable(hard, soft)
+        ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        return loss, hard, soft
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_hard, _grad_soft):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad = grad * grad_loss.unsqueeze(-1).to(grad.dtype)
+        # The usual loss.backward() passes 1: the saved gradient is the answer
+        # and no N x V pass is spent. (A compiled graph always multiplies.)
+        elif torch.compiler.is_compiling() or not bool(grad_loss == 1):
+            grad = grad * grad_loss.to(grad.dtype)
+        return (grad,) + (None,) * 10
+
+
+def fused_distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    scale_by_t2: bool = True,
+    backend: str = "auto",
+    return_components: bool = False,
+):
+    r"""Fused knowledge-distillation loss over logits of shape ``[..., V]``.
+
+    Per row i (leading dims flattened), with T = ``temperature``,
+    p_s = softmax(s_i / T), p_t = softmax(t_i / T) and c = T^2 if
+    ``scale_by_t2`` else 1:
+
+    .. math::
+
+        \mathrm{loss}_i = \alpha \, \mathrm{CE}(s_i, y_i) + (1 - \alpha)\, c\, D_i
+
+    where D_i is ``"forward_kl"``: KL(p_t || p_s), ``"reverse_kl"``:
+    KL(p_s || p_t), or ``"jsd"``: beta KL(p_t || m) + (1 - beta) KL(p_s || m)
+    with m = beta p_t + (1 - beta) p_s. Rows whose label is ``ignore_index``
+    count for nothing. ``reduction`` is ``"batchmean"`` (sum over counted rows /
+    their number, 0 when none count), ``"sum"`` or ``"none"`` (shape ``[...]``).
+
+    Args:
+        student_logits: ``[..., V]`` float32/float16/bfloat16; gets the gradient.
+        teacher_logits: same shape, any of those dtypes; treated as a constant.
+        labels: int64 ``[...]`` class indices, or None (then ``alpha`` must be 0).
+        backend: ``"auto"`` (the compiled kernel for the tensors' device, else
+            the reference with a warning), ``"cpu"``, ``"cuda"`` or ``"reference"``.
+        return_components: also return the reduced, detached hard and soft terms
+            as a :class:`DistillLossOutput` ``(loss, hard_loss, soft_loss)``.
+
+    Returns:
+        The float32 loss (or the NamedTuple). The gradient is computed in the
+        forward call, so backward costs at most one scaling pass.
+    """
+    validate_options(
+        temperature=temperature,
+        alpha=alpha,
+        divergence=divergence,
+        beta=beta,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        scale_by_t2=scale_by_t2,
+        backend=backend,
+    )
+    validate_tensors(student_logits, teacher_logits, labels, alpha=alpha)
+    options = dict(
+        temperature=float(temperature),
+        alpha=float(alpha),
+        divergence=divergence,
+        beta=float(beta),
+        reduction=reduction,
+        ignore_index=int(ignore_index),
+        scale_by_t2=scale_by_t2,
+    )
+    if _choose_backend(backend, student_logits.device) == "reference":
+        return reference.distill_loss(
+            student_logits, teacher_logits, labels, return_components=return_components, **options
+        )
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if x.dtype not in ops.KERNEL_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {x.dtype}; the fused kernels take float32, float16 or "
+                "bfloat16 (use backend='reference' for float64)"
+            )
+
+    vocab = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.detach().reshape(-1, vocab)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, hard, soft = _FusedDistillFunction.apply(
+        student, teacher, flat_labels, *options.values(), compute_grad
+    )
+    if reduction == "none":
+        loss, hard, soft = loss.reshape(lead), hard.reshape(lead), soft.reshape(lead)
+    if return_components:
+        return DistillLossOutput(loss, hard, soft)
+    return loss

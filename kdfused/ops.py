@@ -1,0 +1,87 @@
+"""Thin typed wrappers over torch.ops.kdfused.*, and their fake implementations.
+
+Importing this module loads the compiled library ``kdfused._C`` if it was built
+(its static initialisers register the ``kdfused`` op namespace) and registers
+the fake (meta) kernels torch.compile needs to trace the ops without running them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.kdfused)
+
+    LOAD_ERROR: ImportError | None = None
+except ImportError as err:  # not built: functional falls back to the reference
+    LOAD_ERROR = err
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the extension is loaded and has a kernel for this device type."""
+    key = _DISPATCH_KEYS.get(device_type)
+    if LOAD_ERROR is not None or key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("kdfused::distill_forward", key)
+
+
+def distill_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_scale: torch.Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    scale_by_t2: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs the fused kernel on [N, V] logits and [N] labels.
+
+    Returns ``(hard_rows, soft_rows, grad)``: float32 [N] per-row hard and soft
+    terms (0 at ignored rows) and, if ``compute_grad``, the student gradient
+    ``grad_scale * d loss_i / d s_i`` in the student's dtype (else a [0] tensor).
+    Raises ValueError for a label outside [0, V) that is not ``ignore_index``.
+    """
+    return torch.ops.kdfused.distill_forward.default(
+        student,
+        teacher,
+        labels,
+        grad_scale,
+        float(temperature),
+        float(alpha),
+        divergence,
+        float(beta),
+        int(ignore_index),
+        bool(scale_by_t2),
+        bool(compute_grad),
+    )
+
+
+if LOAD_ERROR is None:
+
+    @torch.library.register_fake("kdfused::distill_forward")
+    def _distill_forward_fake(
+        student,
+        teacher,
+        labels,
+        grad_scale,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
+        scale_by_t2,
+        compute_grad,
+    ):
+        n, v = student.shape
+        hard = student.new_empty((n,), dtype=torch.float32)
+        soft = student.new_empty((n,), dtype=torch.float32)
+        grad = student.new_empty((n, v) if compute_grad else (0,))
+        return hard, soft, grad
