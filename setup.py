@@ -35,7 +35,7 @@ with_cuda = want_cuda() and bool(cuda_sources)
 # -O3 but no -march: the wheel must run on any x86-64 (no SIGILL without AVX2).
 # -fopenmp so that at::parallel_for really runs in parallel; the library links
 # libgomp.so.1, which resolves to the one torch has already loaded.
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+cxx_flags = ["-O3", "-fopenmp"]
 extension_kwargs = dict(
     name="kdfused._C",
     sources=cpu_sources,
@@ -47,7 +47,7 @@ if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     extension_kwargs["sources"] = cpu_sources + cuda_sources
     extension_kwargs["define_macros"] = [("KDFUSED_WITH_CUDA", None)]
-    extension_kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+    extension_kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math"]
     extension = cpp_extension.CUDAExtension(**extension_kwargs)
 else:
     extension = cpp_extension.CppExtension(**extension_kwargs)

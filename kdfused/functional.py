@@ -88,11 +88,12 @@ class _FusedDistillFunction(torch.autograd.Function):
             scale_by_t2=scale_by_t2,
             compute_grad=compute_grad,
         )
-        # A term whose weight is 0 contributes 0, even where it is inf.
+        # A term whose weight is 0 contributes 0, even where it is inf. (Clones:
+        # loss must not be the same tensor as a non-differentiable component.)
         if alpha == 0:
-            rows = soft
+            rows = soft.clone()
         elif alpha == 1:
-            rows = hard
+            rows = hard.clone()
         else:
             rows = alpha * hard + (1 - alpha) * soft
 
@@ -110,13 +111,17 @@ class _FusedDistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad = grad * grad_loss.unsqueeze(-1).to(grad.dtype)
         # The usual loss.backward() passes 1: the saved gradient is the answer
-        # and no N x V pass is spent. (A compiled graph always multiplies.)
-        elif torch.compiler.is_compiling() or not bool(grad_loss == 1):
-            grad = grad * grad_loss.to(grad.dtype)
-        return (grad,) + (None,) * 10
+        # and no N x V pass is spent.
+        if ctx.reduction != "none" and not torch.compiler.is_compiling():
+            if bool(grad_loss == 1):
+                return (grad,) + (None,) * 10
+        # [N, 1] or [1, 1] float32: the product is formed in float32 and rounded
+        # to the gradient's dtype once (a 0-d scale would be rounded to it first).
+        scale = grad_loss.reshape(-1, 1)
+        if torch.compiler.is_compiling():
+            return ((grad * scale).to(grad.dtype),) + (None,) * 10
+        return (torch.mul(grad, scale, out=torch.empty_like(grad)),) + (None,) * 10
 
 
 def fused_distill_loss(

@@ -1,0 +1,90 @@
+"""Shared test helpers: input factories and the float64-oracle comparison."""
+
+from __future__ import annotations
+
+import torch
+
+import kdfused
+from kdfused import ops
+
+# Every device the suite runs on: the CPU kernel always, the CUDA kernel when
+# a GPU and a CUDA build are both present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops.has_kernel("cuda") else [])
+
+# Both the kernels and PyTorch's float32 path round each of ~V terms of a row
+# sum to float32: a few ulps of the result's magnitude is the floor below
+# which "2x of PyTorch's error" is noise, not accuracy.
+FLOAT32_FLOOR = 8 * torch.finfo(torch.float32).eps
+
+
+def make_logits(shape, dtype=torch.float32, device="cpu", *, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(device, dtype)
+
+
+def make_labels(lead, vocab, pattern="some", device="cpu", *, ignore_index=-100, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    y = torch.randint(0, vocab, lead, generator=g, dtype=torch.int64)
+    if pattern == "some" and y.numel() > 1:
+        y.view(-1)[:: max(2, y.numel() // 3)] = ignore_index
+    elif pattern == "all":
+        y.fill_(ignore_index)
+    return y.to(device)
+
+
+def run_loss(student, teacher, labels, upstream=None, **options):
+    """Forward + backward of fused_distill_loss; returns (components, grad)."""
+    s = student.detach().clone().requires_grad_()
+    out = kdfused.fused_distill_loss(s, teacher, labels, return_components=True, **options)
+    up = torch.ones_like(out.loss) if upstream is None else upstream.to(out.loss)
+    (out.loss * up).sum().backward()
+    return out, s.grad
+
+
+def run_reference(student, teacher, labels, upstream=None, dtype=None, **options):
+    """The reference in `dtype` (default: the inputs' own dtypes), on the CPU."""
+    s = student.detach().cpu()
+    t = teacher.detach().cpu()
+    if dtype is not None:
+        s, t = s.to(dtype), t.to(dtype)
+    s.requires_grad_()
+    y = None if labels is None else labels.cpu()
+    out = kdfused.reference.distill_loss(s, t, y, return_components=True, **options)
+    up = torch.ones_like(out.loss) if upstream is None else upstream.cpu().to(out.loss)
+    (out.loss * up).sum().backward()
+    return out, s.grad
+
+
+def assert_2x_of_torch(name, got, torch_same, ref):
+    """flash-attention's rule: |got - ref| <= 2 |torch_same - ref| (+ a float32 floor).
+
+    ref is the float64 oracle, torch_same the same loss computed by PyTorch in
+    the inputs' dtype. Non-finite entries of ref must be matched exactly.
+    """
+    got, torch_same, ref = (x.detach().cpu().double() for x in (got, torch_same, ref))
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(kind(got), kind(ref)), f"{name}: {kind.__name__} pattern differs"
+    finite = torch.isfinite(ref)
+    if not finite.any():
+        return
+    err = (got - ref)[finite].abs().max().item()
+    err_pt = torch.nan_to_num((torch_same - ref)[finite].abs(), nan=float("inf")).max().item()
+    floor = FLOAT32_FLOOR * (1.0 + ref[finite].abs().max().item())
+    assert err <= 2 * err_pt + floor, (
+        f"{name}: kernel error {err:.3e} > 2 x PyTorch's {err_pt:.3e} + floor {floor:.1e}"
+    )
+
+
+def check_against_oracle(student, teacher, labels, upstream=None, **options):
+    """Kernel vs float64 reference, with PyTorch-in-the-same-dtype as the yardstick:
+    loss, both components and the student gradient."""
+    out, grad = run_loss(student, teacher, labels, upstream, **options)
+    pt, pt_grad = run_reference(student, teacher, labels, upstream, **options)
+    ref, ref_grad = run_reference(student, teacher, labels, upstream, torch.float64, **options)
+    assert out.loss.dtype == torch.float32
+    assert grad.dtype == student.dtype and grad.device == student.device
+    for field in ("loss", "hard_loss", "soft_loss"):
+        assert_2x_of_torch(field, getattr(out, field), getattr(pt, field), getattr(ref, field))
+    assert_2x_of_torch("grad", grad, pt_grad, ref_grad)
+    return out, grad
