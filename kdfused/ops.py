@@ -16,16 +16,21 @@ try:
 except ImportError as err:  # not built: functional falls back to the reference
     LOAD_ERROR = err
 
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Device types with a compiled kernel, read once from the dispatcher (a plain
+# set lookup is what torch.compile can trace; the dispatcher query is not).
+BUILT_DEVICES = frozenset(
+    device
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if LOAD_ERROR is None
+    and torch._C._dispatch_has_kernel_for_dispatch_key("kdfused::distill_forward", key)
+)
 
 
 def has_kernel(device_type: str) -> bool:
     """Whether the extension is loaded and has a kernel for this device type."""
-    key = _DISPATCH_KEYS.get(device_type)
-    if LOAD_ERROR is not None or key is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("kdfused::distill_forward", key)
+    return device_type in BUILT_DEVICES
 
 
 def distill_forward(

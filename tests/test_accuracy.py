@@ -10,9 +10,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize(
-    "lead", [(), (5,), (2, 3)], ids=lambda lead: f"{len(lead) + 1}d"
-)
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)], ids=lambda lead: f"{len(lead) + 1}d")
 @pytest.mark.parametrize("vocab", [1, 7, 4097, 50257, 128256])
 def test_shapes_and_vocab(device, divergence, lead, vocab):
     # Large vocabularies with few rows keep the float64 oracle cheap.

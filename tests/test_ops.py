@@ -1,0 +1,104 @@
+"""The op layer: torch.library.opcheck, and torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+from oracle import DEVICES, make_labels, make_logits
+
+import kdfused
+from kdfused import ops
+
+OPTIONS = dict(
+    temperature=2.0,
+    alpha=0.5,
+    divergence="forward_kl",
+    beta=0.5,
+    ignore_index=-100,
+    scale_by_t2=True,
+    compute_grad=True,
+)
+
+
+def _op_args(device, *, labels=True, grad_scale=True, dtype=torch.float32, **overrides):
+    opts = {**OPTIONS, **overrides}
+    if not labels:
+        opts["alpha"] = 0.0
+    s = make_logits((6, 37), dtype, device, seed=50)
+    t = make_logits((6, 37), torch.bfloat16, device, seed=51)
+    y = make_labels((6,), 37, "some", device=device) if labels else None
+    scale = torch.tensor(0.25, device=device) if grad_scale else None
+    return (s, t, y, scale, *opts.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(),
+        dict(labels=False),
+        dict(grad_scale=False, divergence="jsd", beta=0.2),
+        dict(compute_grad=False, divergence="reverse_kl"),
+        dict(dtype=torch.float16, scale_by_t2=False),
+    ],
+    ids=["labels", "no_labels", "jsd_no_scale", "no_grad", "fp16"],
+)
+def test_opcheck(device, case):
+    torch.library.opcheck(torch.ops.kdfused.distill_forward.default, _op_args(device, **case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_outputs(device):
+    s, t, y, scale, *opts = _op_args(device)
+    hard, soft, grad = torch.ops.kdfused.distill_forward.default(s, t, y, scale, *opts)
+    assert hard.dtype == soft.dtype == torch.float32 and hard.shape == soft.shape == (6,)
+    assert grad.dtype == s.dtype and grad.shape == s.shape
+    ignored = y == -100
+    assert torch.all(hard[ignored] == 0) and torch.all(soft[ignored] == 0)
+    assert torch.all(grad[ignored] == 0) and torch.all(grad[~ignored] != 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad_label", [-1, 37, 1 << 40, -(1 << 40)])
+def test_op_rejects_label_out_of_range(device, bad_label):
+    """Checked inside the op, before any read: no out-of-bounds access."""
+    s, t, y, scale, *opts = _op_args(device)
+    y[3] = bad_label
+    with pytest.raises(ValueError, match=rf"labels\[3\] = {bad_label} is outside \[0, V\)"):
+        torch.ops.kdfused.distill_forward.default(s, t, y, scale, *opts)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_compile_fullgraph_training_step(device, divergence, reduction):
+    """A compiled training step has no graph break and matches eager exactly enough."""
+    torch.manual_seed(0)
+    student = torch.nn.Linear(16, 97).to(device)
+    teacher = torch.nn.Linear(16, 97).to(device)
+    loss_fn = kdfused.FusedDistillLoss(divergence=divergence, reduction=reduction)
+    x = torch.randn(2, 5, 16, device=device)
+    y = make_labels((2, 5), 97, "some", device=device)
+
+    def step(x, y):
+        with torch.no_grad():
+            t = teacher(x)
+        loss = loss_fn(student(x), t, y)
+        return loss.sum() * 1.5 if reduction == "none" else loss
+
+    def run(fn):
+        student.zero_grad()
+        loss = fn(x, y)
+        loss.backward()
+        return loss.detach(), student.weight.grad.clone()
+
+    eager_loss, eager_grad = run(step)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    compiled_loss, compiled_grad = run(compiled)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_extension_is_loaded():
+    """The CPU kernel is part of every build: a missing one is a build bug."""
+    assert ops.LOAD_ERROR is None, ops.LOAD_ERROR
+    assert ops.has_kernel("cpu")
