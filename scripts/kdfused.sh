@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One entry point that does its own set-up: makes (or reuses) a virtualenv,
+# installs torch only when that environment has none, builds kdfused against
+# it, then runs what was asked.
+#
+#   bash scripts/kdfused.sh demo [demo options]   # python -m kdfused.demo
+#   bash scripts/kdfused.sh test [pytest options] # the whole test suite
+#
+# Environment: PYTHON (interpreter for the venv, default python3), KDFUSED_VENV
+# (default .venv in the repo), KDFUSED_TORCH (pip requirement used when torch is
+# missing, default torch==2.13.0; pass extra pip options in PIP_* variables).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+what=${1:-}
+case "$what" in
+  demo) extra=demo ;;
+  test) extra=test ;;
+  *) echo "usage: bash scripts/kdfused.sh demo|test [options]" >&2; exit 2 ;;
+esac
+shift
+
+venv=${KDFUSED_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+  echo "kdfused: creating $venv"
+  "${PYTHON:-python3}" -m venv "$venv"
+fi
+py="$venv/bin/python"
+pip() { "$py" -m pip --disable-pip-version-check "$@"; }
+
+if ! "$py" -c "import torch" 2>/dev/null; then
+  echo "kdfused: no torch in $venv, installing ${KDFUSED_TORCH:-torch==2.13.0}"
+  # shellcheck disable=SC2086  # KDFUSED_TORCH may hold several words
+  pip install -q ${KDFUSED_TORCH:-torch==2.13.0}
+fi
+pip install -q "setuptools>=64" wheel ninja
+# --no-build-isolation: build against the torch above, never a fresh copy.
+echo "kdfused: building the extension (about a minute on 2 cores)"
+pip install -q --no-build-isolation -e ".[$extra]"
+
+if [ "$what" = demo ]; then
+  exec "$py" -m kdfused.demo "$@"
+fi
+# -ra prints the reason of every skipped test.
+exec "$py" -m pytest -ra -q "$@"
