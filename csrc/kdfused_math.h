@@ -51,76 +51,135 @@ C10_HOST_DEVICE inline float weighted(float weight, float value) {
 // false), so it reaches the sums through shifted_exp instead.
 C10_HOST_DEVICE inline float max_keep(float m, float x) { return x > m ? x : m; }
 
-// Online softmax state of one row of one model (Milakov & Gimelshein 2018).
+// x - m, and -inf for x = -inf even when m is -inf too.
+C10_HOST_DEVICE inline float below(float x, float m) { return x == neg_inf() ? neg_inf() : x - m; }
+
+// Online softmax state of one row of both models (Milakov & Gimelshein 2018).
+// The KL sums are kept as expectations of log-ratios measured from reference
+// points chosen so that they are ~0 where the weights are large:
+//   r_t = ((t - mt) - (s - ms)) / T   (0 at the teacher's peak if s peaks there too)
+//   r_s = ((s - ms) - (t - ref)) / T  (exactly 0 at the student's peak)
+// with ref the teacher's logit at the student's argmax. Then (see row_consts)
+//   KL(p_t || p_s) = wt / zt + log zs - log zt
+//   KL(p_s || p_t) = ws / zs + (mt - ref) / T - (log zs - log zt)
+// and the reverse-KL gradient needs r_s - ws / zs, which is small and exact
+// where p_s is large, instead of the difference of two large log-ratios
+// (a peaked student far from the teacher has log p_s - log p_t ~ 1e2 there).
 struct RowStats {
-  float m;   // running max of x
-  float z;   // sum exp((x - m) / T)
-  float z1;  // sum exp(x - m), the T = 1 softmax (student only, hard term)
-  float w;   // sum exp((x - m) / T) * (x - o) / T, o the other model's logit
+  float ms, mt;  // running maxima of s and t
+  float ref;     // finite teacher logit near the student's peak; -inf iff mt is -inf
+  float zs, zt;  // sum exp((s - ms) / T), sum exp((t - mt) / T)
+  float z1;      // sum exp(s - ms): the T = 1 softmax of the hard term
+  float ws, wt;  // sum exp((s - ms) / T) * r_s, sum exp((t - mt) / T) * r_t
 };
 
-C10_HOST_DEVICE inline RowStats stats_empty() { return RowStats{neg_inf(), 0.f, 0.f, 0.f}; }
-
-// Moves the state to a new max m_new (no-op unless m_new > st.m).
-C10_HOST_DEVICE inline void stats_rescale(RowStats& st, float m_new, float inv_t) {
-  if (m_new > st.m) {
-    const float r = shifted_exp(st.m, m_new, inv_t);
-    st.z *= r;
-    st.z1 *= shifted_exp(st.m, m_new, 1.f);
-    st.w = weighted(r, st.w);
-    st.m = m_new;
-  }
+C10_HOST_DEVICE inline RowStats stats_empty() {
+  return RowStats{neg_inf(), neg_inf(), neg_inf(), 0.f, 0.f, 0.f, 0.f, 0.f};
 }
 
-// Adds one element whose logit is x (x <= st.m, or NaN) and whose log-ratio
-// to the other model is d = (x - o) / T.
-C10_HOST_DEVICE inline void stats_accumulate(RowStats& st, float x, float d, float inv_t,
+// A state with the given anchors and empty sums (for partial sums).
+C10_HOST_DEVICE inline RowStats stats_anchored(const RowStats& st) {
+  return RowStats{st.ms, st.mt, st.ref, 0.f, 0.f, 0.f, 0.f, 0.f};
+}
+
+// How far an old anchor lies below (or above, for ref) a new one: 0 when
+// unchanged, even at -inf.
+C10_HOST_DEVICE inline float anchor_shift(float old_a, float new_a) {
+  return old_a == new_a ? 0.f : below(old_a, new_a);
+}
+
+// The ref to use once the student max becomes ms_new: the teacher logit at the
+// new student argmax (t_at) if the max moved and that logit is finite, else the
+// old ref, else any finite teacher logit (mt_new; -inf if there is none yet).
+C10_HOST_DEVICE inline float next_ref(const RowStats& st, float ms_new, float t_at, float mt_new) {
+  const bool usable = t_at != neg_inf() && t_at == t_at;  // finite-ish and not NaN
+  if (ms_new > st.ms && usable) return t_at;
+  return st.ref != neg_inf() ? st.ref : mt_new;
+}
+
+// Moves the state to new anchors (maxima kept if not larger).
+C10_HOST_DEVICE inline void stats_rescale(RowStats& st, float ms_new, float mt_new, float ref_new,
+                                          float inv_t) {
+  ms_new = max_keep(st.ms, ms_new);
+  mt_new = max_keep(st.mt, mt_new);
+  if (ms_new == st.ms && mt_new == st.mt && ref_new == st.ref) return;
+  // Every r seen so far shifts by a constant; the weights scale by rs and rt.
+  const float dms = anchor_shift(st.ms, ms_new);
+  const float cs = (dms - anchor_shift(st.ref, ref_new)) * inv_t;
+  const float ct = (anchor_shift(st.mt, mt_new) - dms) * inv_t;
+  const float rs = shifted_exp(st.ms, ms_new, inv_t);
+  const float rt = shifted_exp(st.mt, mt_new, inv_t);
+  st.ws = weighted(rs, st.ws + weighted(st.zs, cs));
+  st.wt = weighted(rt, st.wt + weighted(st.zt, ct));
+  st.zs *= rs;
+  st.zt *= rt;
+  st.z1 *= shifted_exp(st.ms, ms_new, 1.f);
+  st.ms = ms_new;
+  st.mt = mt_new;
+  st.ref = ref_new;
+}
+
+// Adds one element (s <= st.ms and t <= st.mt, or NaN).
+C10_HOST_DEVICE inline void stats_accumulate(RowStats& st, float s, float t, float inv_t,
                                              bool with_z1) {
-  const float e = shifted_exp(x, st.m, inv_t);
-  st.z += e;
-  st.w += weighted(e, d);
-  if (with_z1) st.z1 += shifted_exp(x, st.m, 1.f);
+  const float ds = below(s, st.ms);
+  const float dt = below(t, st.mt);
+  const float es = ::expf(ds * inv_t);
+  const float et = ::expf(dt * inv_t);
+  st.zs += es;
+  st.zt += et;
+  st.ws += weighted(es, (ds - below(t, st.ref)) * inv_t);
+  st.wt += weighted(et, (dt - ds) * inv_t);
+  if (with_z1) st.z1 += ::expf(ds);
 }
 
-// One step of the online softmax: rescale to the new max, then add.
-C10_HOST_DEVICE inline void stats_push(RowStats& st, float x, float d, float inv_t, bool with_z1) {
-  stats_rescale(st, max_keep(st.m, x), inv_t);
-  stats_accumulate(st, x, d, inv_t, with_z1);
+// One step of the online softmax: move the anchors, then add.
+C10_HOST_DEVICE inline void stats_push(RowStats& st, float s, float t, float inv_t, bool with_z1) {
+  const float ms = max_keep(st.ms, s);
+  const float mt = max_keep(st.mt, t);
+  stats_rescale(st, ms, mt, next_ref(st, ms, t, mt), inv_t);
+  stats_accumulate(st, s, t, inv_t, with_z1);
 }
 
 // Merges two partial states of the same row (order-independent up to rounding).
 C10_HOST_DEVICE inline RowStats stats_merge(RowStats a, RowStats b, float inv_t) {
-  const float m = max_keep(a.m, b.m);
-  stats_rescale(a, m, inv_t);
-  stats_rescale(b, m, inv_t);
-  return RowStats{m, a.z + b.z, a.z1 + b.z1, a.w + b.w};
+  const float ms = max_keep(a.ms, b.ms);
+  const float mt = max_keep(a.mt, b.mt);
+  const RowStats& peak = b.ms > a.ms ? b : a;  // whose ref sits at the student's argmax
+  const RowStats& other = b.ms > a.ms ? a : b;
+  const float ref = peak.ref != neg_inf() ? peak.ref : other.ref;
+  stats_rescale(a, ms, mt, ref, inv_t);
+  stats_rescale(b, ms, mt, ref, inv_t);
+  return RowStats{ms, mt, ref, a.zs + b.zs, a.zt + b.zt, a.z1 + b.z1, a.ws + b.ws, a.wt + b.wt};
 }
 
-// What the gradient pass needs of a row once its statistics are complete.
+// What the later passes need of a row once its statistics are complete.
 struct RowConsts {
-  float ms, mt;          // row maxima of s and t
+  float ms, mt, ref;     // the anchors
   float log_zs, log_zt;  // log-normalisers of s / T and t / T (relative to the maxima)
   float log_z1;          // log-normaliser of s (T = 1)
-  float k;               // log p_t - log p_s = (t - s) / T + k
+  float mean_rs;         // E_ps[r_s] = ws / zs (reverse-KL gradient)
   float div;             // D_i: known after pass 1 for the KLs, after jsd_finish for JSD
   float kl_sm;           // JSD only: KL(p_s || m)
 };
 
-C10_HOST_DEVICE inline RowConsts row_consts(const RowStats& s, const RowStats& t,
-                                            const LossParams& p) {
+C10_HOST_DEVICE inline RowConsts row_consts(const RowStats& st, const LossParams& p) {
   RowConsts c;
-  c.ms = s.m;
-  c.mt = t.m;
-  c.log_zs = ::logf(s.z);
-  c.log_zt = ::logf(t.z);
-  c.log_z1 = ::logf(s.z1);
-  c.k = (s.m - t.m) * p.inv_t + c.log_zs - c.log_zt;
+  c.ms = st.ms;
+  c.mt = st.mt;
+  c.ref = st.ref;
+  c.log_zs = ::logf(st.zs);
+  c.log_zt = ::logf(st.zt);
+  c.log_z1 = ::logf(st.z1);
+  c.mean_rs = st.ws / st.zs;
   c.kl_sm = 0.f;
-  // KL(t||s) = E_pt[(t - s) / T] + k and KL(s||t) = E_ps[(s - t) / T] - k.
+  const float lz = c.log_zs - c.log_zt;
   if (p.div == Divergence::kForwardKL) {
-    c.div = t.w / t.z + c.k;
+    c.div = st.wt / st.zt + lz;
   } else if (p.div == Divergence::kReverseKL) {
-    c.div = s.w / s.z - c.k;
+    // ref = -inf: no finite teacher logit, any student mass makes ws = inf.
+    const float ref_term = st.ref == neg_inf() ? 0.f : (st.mt - st.ref) * p.inv_t;
+    c.div = c.mean_rs + ref_term - lz;
   } else {
     c.div = 0.f;  // JSD needs a second pass: jsd_accumulate, jsd_finish
   }
@@ -193,7 +252,8 @@ C10_HOST_DEVICE inline float grad_element(float s, float t, bool is_label, const
     if (p.div == Divergence::kForwardKL) {
       dd = ps - ::expf(log_pt(t, c, p));
     } else if (p.div == Divergence::kReverseKL) {
-      dd = weighted(ps, (s - t) * p.inv_t - c.k - c.div);
+      // log p_s - log p_t - KL(p_s || p_t) = r_s - E_ps[r_s]
+      dd = weighted(ps, (below(s, c.ms) - below(t, c.ref)) * p.inv_t - c.mean_rs);
     } else {
       const float lm = log_mix(log_pt(t, c, p), lps, p);
       dd = (1.f - p.beta) * weighted(ps, lps - lm - c.kl_sm);

@@ -29,17 +29,26 @@ def test_masked_vocab_entries(device, divergence):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_true_infinity(device):
-    """Teacher mass where the student has -inf: the divergence is inf, as the math says."""
+@pytest.mark.parametrize(
+    "divergence,masked,where",
+    [
+        ("forward_kl", "student", "anywhere"),  # teacher mass where the student has -inf
+        ("reverse_kl", "teacher", "anywhere"),  # student mass where the teacher has -inf
+        ("reverse_kl", "teacher", "student_peak"),
+        ("forward_kl", "student", "teacher_peak"),
+    ],
+)
+def test_true_infinity(device, divergence, masked, where):
+    """Mass on an entry the other model rules out: the divergence is inf, as the math says."""
     s = make_logits((2, 10), device=device, seed=22)
     t = make_logits((2, 10), device=device, seed=23)
-    s[0, 3] = -math.inf
-    out = kdfused.fused_distill_loss(s, t, None, alpha=0.0, reduction="none")
-    ref = kdfused.reference.distill_loss(
-        s.double().cpu(), t.double().cpu(), alpha=0.0, reduction="none"
-    )
-    assert out[0].item() == math.inf and math.isfinite(out[1].item())
-    assert ref[0].item() == math.inf
+    col = {"anywhere": 3, "student_peak": int(s[0].argmax()), "teacher_peak": int(t[0].argmax())}
+    (s if masked == "student" else t)[0, col[where]] = -math.inf
+    opts = dict(alpha=0.0, reduction="none", divergence=divergence)
+    out = kdfused.fused_distill_loss(s, t, None, **opts)
+    ref = kdfused.reference.distill_loss(s.double().cpu(), t.double().cpu(), **opts)
+    assert out[0].item() == math.inf and ref[0].item() == math.inf
+    torch.testing.assert_close(out[1].cpu(), ref[1].float())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,7 +1,9 @@
 """Property-based: the kernel equals the float64 reference on any small input."""
 
+import math
+
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from oracle import DEVICES, check_against_oracle
 
@@ -15,6 +17,12 @@ def problems(draw):
     scale = draw(st.sampled_from([0.1, 1.0, 5.0, 30.0]))
     s = scale * torch.randn((*lead, vocab), generator=g)
     t = scale * torch.randn((*lead, vocab), generator=g)
+    # Masked vocabulary entries (-inf in both models), never a whole row.
+    if vocab > 1 and draw(st.booleans()):
+        masked = torch.rand(vocab, generator=g) < 0.3
+        masked[draw(st.integers(0, vocab - 1))] = False
+        s[..., masked] = -math.inf
+        t[..., masked] = -math.inf
     with_labels = draw(st.booleans())
     labels = None
     if with_labels:
@@ -34,7 +42,6 @@ def problems(draw):
     return s, t, labels, upstream, options
 
 
-@settings(max_examples=150, deadline=None)
 @given(problem=problems(), device=st.sampled_from(DEVICES))
 def test_kernel_matches_reference(problem, device):
     s, t, labels, upstream, options = problem

@@ -68,35 +68,32 @@ void distill_rows(const DistillProblem& prob, float grad_scale, float* hard, flo
       const student_t* s = s_base + i * s_stride;
       const teacher_t* t = t_base + i * t_stride;
 
-      RowStats ss = stats_empty();
-      RowStats ts = stats_empty();
+      RowStats st = stats_empty();
       for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
         const int64_t len = std::min(kChunk, v - j0);
         float cms = neg_inf();
         float cmt = neg_inf();
+        float t_at = neg_inf();  // teacher logit at the chunk's student argmax
         for (int64_t k = 0; k < len; ++k) {
           sbuf[k] = static_cast<float>(s[j0 + k]);
           tbuf[k] = static_cast<float>(t[j0 + k]);
-          cms = max_keep(cms, sbuf[k]);
+          if (sbuf[k] > cms) {
+            cms = sbuf[k];
+            t_at = tbuf[k];
+          }
           cmt = max_keep(cmt, tbuf[k]);
         }
-        stats_rescale(ss, cms, p.inv_t);
-        stats_rescale(ts, cmt, p.inv_t);
-        RowStats lane_s[kLanes];
-        RowStats lane_t[kLanes];
-        for (int l = 0; l < kLanes; ++l) {
-          lane_s[l] = RowStats{ss.m, 0.f, 0.f, 0.f};
-          lane_t[l] = RowStats{ts.m, 0.f, 0.f, 0.f};
-        }
+        const float ms = max_keep(st.ms, cms);
+        const float mt = max_keep(st.mt, cmt);
+        stats_rescale(st, ms, mt, next_ref(st, ms, t_at, mt), p.inv_t);
+        RowStats lanes[kLanes];
+        for (int l = 0; l < kLanes; ++l) lanes[l] = stats_anchored(st);
         for (int64_t k = 0; k < len; ++k) {
-          const float d = (sbuf[k] - tbuf[k]) * p.inv_t;
-          stats_accumulate(lane_s[k % kLanes], sbuf[k], d, p.inv_t, p.has_labels);
-          stats_accumulate(lane_t[k % kLanes], tbuf[k], -d, p.inv_t, false);
+          stats_accumulate(lanes[k % kLanes], sbuf[k], tbuf[k], p.inv_t, p.has_labels);
         }
-        ss = merge_stats(ss, tree_sum(lane_s, merge_stats));
-        ts = merge_stats(ts, tree_sum(lane_t, merge_stats));
+        st = merge_stats(st, tree_sum(lanes, merge_stats));
       }
-      RowConsts c = row_consts(ss, ts, p);
+      RowConsts c = row_consts(st, p);
       if (p.div == Divergence::kJSD) {
         JsdSums acc{0.f, 0.f};
         for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
