@@ -3,8 +3,29 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdio>
 
 namespace kdfused {
+
+std::string text(int64_t x) { return std::to_string(x); }
+
+std::string text(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", x);
+  return buf;
+}
+
+std::string text(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + text(shape[i]);
+  return out + "]";
+}
+
+std::string text(const at::Tensor& t) {
+  return "shape " + text(t.sizes()) + ", dtype " + c10::toString(t.scalar_type()) + ", device " +
+         t.device().str();
+}
+
 namespace {
 
 bool is_supported_dtype(at::ScalarType t) {
@@ -28,24 +49,25 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
                                double alpha, c10::string_view divergence, double beta,
                                int64_t ignore_index, bool scale_by_t2) {
   TORCH_CHECK_VALUE(student.dim() == 2, "kdfused: student logits must be [N, V], got shape ",
-                    student.sizes());
+                    text(student.sizes()));
   TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(),
                     "kdfused: student and teacher logits must have the same shape, got ",
-                    student.sizes(), " and ", teacher.sizes());
+                    text(student.sizes()), " and ", text(teacher.sizes()));
   TORCH_CHECK_VALUE(student.size(1) > 0, "kdfused: the vocabulary dim V must be > 0, got shape ",
-                    student.sizes());
+                    text(student.sizes()));
   TORCH_CHECK_TYPE(
       is_supported_dtype(student.scalar_type()) && is_supported_dtype(teacher.scalar_type()),
       "kdfused: the fused kernels take float32, float16 or bfloat16 logits, got "
       "student ",
-      student.scalar_type(), " and teacher ", teacher.scalar_type());
+      c10::toString(student.scalar_type()), " and teacher ", c10::toString(teacher.scalar_type()));
   TORCH_CHECK_VALUE(student.device() == teacher.device(),
                     "kdfused: student and teacher logits must be on the same device, got ",
-                    student.device(), " and ", teacher.device());
+                    student.device().str(), " and ", teacher.device().str());
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
-                    "kdfused: temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "kdfused: alpha must lie in [0, 1], got ", alpha);
-  TORCH_CHECK_VALUE(beta > 0.0 && beta < 1.0, "kdfused: beta must lie in (0, 1), got ", beta);
+                    "kdfused: temperature must be finite and > 0, got ", text(temperature));
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "kdfused: alpha must lie in [0, 1], got ",
+                    text(alpha));
+  TORCH_CHECK_VALUE(beta > 0.0 && beta < 1.0, "kdfused: beta must lie in (0, 1), got ", text(beta));
 
   DistillProblem prob;
   prob.n = student.size(0);
@@ -57,23 +79,24 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
   if (labels.has_value()) {
     const at::Tensor& y = *labels;
     TORCH_CHECK_TYPE(y.scalar_type() == at::kLong, "kdfused: labels must be int64, got ",
-                     y.scalar_type());
+                     c10::toString(y.scalar_type()));
     TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == prob.n,
-                      "kdfused: labels must have shape [N] = [", prob.n, "], got ", y.sizes());
+                      "kdfused: labels must have shape [N] = [", text(prob.n), "], got ",
+                      text(y.sizes()));
     TORCH_CHECK_VALUE(y.device() == student.device(),
-                      "kdfused: labels must be on the logits' device ", student.device(), ", got ",
-                      y.device());
+                      "kdfused: labels must be on the logits' device ", student.device().str(),
+                      ", got ", y.device().str());
     prob.labels = y.contiguous();
   } else {
     TORCH_CHECK_VALUE(alpha == 0.0,
-                      "kdfused: labels=None requires alpha == 0, got alpha = ", alpha);
+                      "kdfused: labels=None requires alpha == 0, got alpha = ", text(alpha));
   }
   if (grad_scale.has_value()) {
     const at::Tensor& g = *grad_scale;
     TORCH_CHECK_VALUE(
         g.dim() == 0 && g.scalar_type() == at::kFloat && g.device() == student.device(),
-        "kdfused: grad_scale must be a 0-d float32 tensor on ", student.device(), ", got shape ",
-        g.sizes(), " ", g.scalar_type(), " on ", g.device());
+        "kdfused: grad_scale must be a 0-d float32 tensor on ", student.device().str(), ", got ",
+        text(g));
   }
 
   LossParams& p = prob.params;

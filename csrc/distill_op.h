@@ -6,11 +6,24 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "kdfused_math.h"
 
 namespace kdfused {
+
+// Numbers, shapes and devices for error messages, formatted without iostream
+// (std::to_string / snprintf). On the lent GPU machine (torch 2.11.0+cu130,
+// Python 3.12, g++ 13.3) any extension code that formats a number with an
+// ostream, c10::str and so every TORCH_CHECK message with a number argument
+// included, kills the process with SIGSEGV; strings are fine (see
+// scripts/diag_iostream.py and notes/gpu-machine.md). So every TORCH_CHECK in
+// csrc/ passes its values through text() or as plain strings.
+std::string text(int64_t x);
+std::string text(double x);
+std::string text(at::IntArrayRef shape);
+std::string text(const at::Tensor& t);  // "shape [2, 3], dtype Float, device cpu"
 
 // A validated problem: [N, V] logits whose last dim is contiguous (row stride
 // free), [N] contiguous int64 labels, and the folded options.

@@ -32,9 +32,9 @@ Acc tree_sum(Acc* lanes, Merge merge) {
 
 void check_label_range(const int64_t* y, int64_t n, int64_t v, int64_t ignore_index) {
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(y[i] == ignore_index || (y[i] >= 0 && y[i] < v), "kdfused: labels[", i,
-                      "] = ", y[i], " is outside [0, V) with V = ", v,
-                      " and is not ignore_index = ", ignore_index);
+    TORCH_CHECK_VALUE(y[i] == ignore_index || (y[i] >= 0 && y[i] < v), "kdfused: labels[", text(i),
+                      "] = ", text(y[i]), " is outside [0, V) with V = ", text(v),
+                      " and is not ignore_index = ", text(ignore_index));
   }
 }
 
@@ -136,7 +136,7 @@ DistillResult distill_forward_cpu(const at::Tensor& student, const at::Tensor& t
   const DistillProblem prob = prepare_problem(student, teacher, labels, grad_scale, temperature,
                                               alpha, divergence, beta, ignore_index, scale_by_t2);
   TORCH_CHECK_VALUE(student.device().is_cpu(), "kdfused: distill_forward_cpu got ",
-                    student.device(), " tensors");
+                    student.device().str(), " tensors");
   if (prob.labels) {
     check_label_range(prob.labels->const_data_ptr<int64_t>(), prob.n, prob.v, ignore_index);
   }
