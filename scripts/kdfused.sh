@@ -33,10 +33,16 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086  # KDFUSED_TORCH may hold several words
   pip install -q ${KDFUSED_TORCH:-torch==2.13.0}
 fi
-pip install -q "setuptools>=64" wheel ninja
-# --no-build-isolation: build against the torch above, never a fresh copy.
-echo "kdfused: building the extension (about a minute on 2 cores)"
-pip install -q --no-build-isolation -e ".[$extra]"
+# Rebuild only when the sources or the package metadata changed since the last
+# install of these extras into this venv (a build takes about a minute on 2 cores).
+stamp="$venv/.kdfused-installed-$extra"
+if [ ! -e "$stamp" ] || [ -n "$(find csrc setup.py pyproject.toml -newer "$stamp" | head -1)" ]; then
+  pip install -q "setuptools>=64" wheel ninja
+  echo "kdfused: building the extension (about a minute on 2 cores)"
+  # --no-build-isolation: build against the torch above, never a fresh copy.
+  pip install -q --no-build-isolation -e ".[$extra]"
+  touch "$stamp"
+fi
 
 if [ "$what" = demo ]; then
   exec "$py" -m kdfused.demo "$@"
