@@ -112,7 +112,10 @@ class _FusedDistillFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):
         (grad,) = ctx.saved_tensors
         # The usual loss.backward() passes 1: the saved gradient is the answer
-        # and no N x V pass is spent.
+        # and no N x V pass is spent. (Autograd may then keep that very buffer
+        # as a leaf's .grad; a later backward through a retained graph after
+        # .grad was changed in place is refused by autograd's version check,
+        # never silently wrong.)
         if ctx.reduction != "none" and not torch.compiler.is_compiling():
             if bool(grad_loss == 1):
                 return (grad,) + (None,) * 10
