@@ -133,14 +133,6 @@ C10_HOST_DEVICE inline void stats_accumulate(RowStats& st, float s, float t, flo
   if (with_z1) st.z1 += ::expf(ds);
 }
 
-// One step of the online softmax: move the anchors, then add.
-C10_HOST_DEVICE inline void stats_push(RowStats& st, float s, float t, float inv_t, bool with_z1) {
-  const float ms = max_keep(st.ms, s);
-  const float mt = max_keep(st.mt, t);
-  stats_rescale(st, ms, mt, next_ref(st, ms, t, mt), inv_t);
-  stats_accumulate(st, s, t, inv_t, with_z1);
-}
-
 // Merges two partial states of the same row (order-independent up to rounding).
 C10_HOST_DEVICE inline RowStats stats_merge(RowStats a, RowStats b, float inv_t) {
   const float ms = max_keep(a.ms, b.ms);

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import kdfused
+from kdfused._validation import DIVERGENCES
 
 
 def load_digits_split(seed: int, test_fraction: float, student_fraction: float = 1.0):
@@ -95,9 +96,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for split, init and batches")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--alpha", type=float, default=0.3, help="weight of the hard-label term")
-    p.add_argument(
-        "--divergence", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl"
-    )
+    p.add_argument("--divergence", choices=DIVERGENCES, default="forward_kl")
     p.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight")
     p.add_argument(
         "--epochs",

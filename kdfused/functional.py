@@ -111,20 +111,20 @@ class _FusedDistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):
         (grad,) = ctx.saved_tensors
+        none = (None,) * 10
+        # [N, 1] or [1, 1] float32: the product is formed in float32 and rounded
+        # to the gradient's dtype once (a 0-d scale would be rounded to it first).
+        scale = grad_loss.reshape(-1, 1)
+        if torch.compiler.is_compiling():  # no data-dependent branch in a graph
+            return ((grad * scale).to(grad.dtype),) + none
         # The usual loss.backward() passes 1: the saved gradient is the answer
         # and no N x V pass is spent. (Autograd may then keep that very buffer
         # as a leaf's .grad; a later backward through a retained graph after
         # .grad was changed in place is refused by autograd's version check,
         # never silently wrong.)
-        if ctx.reduction != "none" and not torch.compiler.is_compiling():
-            if bool(grad_loss == 1):
-                return (grad,) + (None,) * 10
-        # [N, 1] or [1, 1] float32: the product is formed in float32 and rounded
-        # to the gradient's dtype once (a 0-d scale would be rounded to it first).
-        scale = grad_loss.reshape(-1, 1)
-        if torch.compiler.is_compiling():
-            return ((grad * scale).to(grad.dtype),) + (None,) * 10
-        return (torch.mul(grad, scale, out=torch.empty_like(grad)),) + (None,) * 10
+        if ctx.reduction != "none" and bool(grad_loss == 1):
+            return (grad,) + none
+        return (torch.mul(grad, scale, out=torch.empty_like(grad)),) + none
 
 
 def fused_distill_loss(
