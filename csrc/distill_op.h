@@ -2,6 +2,7 @@
 // checks every backend relies on, and the declarations of the per-device kernels.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
@@ -51,6 +52,12 @@ using DistillResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 DistillResult allocate_outputs(const DistillProblem& prob, bool compute_grad);
 
+// The logits dtypes the kernels are built for (float64 goes to the reference).
+#define KDFUSED_DISPATCH_LOGITS(TYPE, NAME, ...)                                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE( \
+                         at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 // The kernels below compute, per row i, hard_i and soft_i (0 at ignored rows)
 // and, when compute_grad, grad[i] = grad_scale * d loss_i / d s_i, where
 // grad_scale is the optional 0-d float32 tensor (1 when absent; 1 / counted rows
@@ -61,5 +68,11 @@ DistillResult distill_forward_cpu(const at::Tensor& student, const at::Tensor& t
                                   const std::optional<at::Tensor>& grad_scale, double temperature,
                                   double alpha, c10::string_view divergence, double beta,
                                   int64_t ignore_index, bool scale_by_t2, bool compute_grad);
+
+DistillResult distill_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                   const std::optional<at::Tensor>& labels,
+                                   const std::optional<at::Tensor>& grad_scale, double temperature,
+                                   double alpha, c10::string_view divergence, double beta,
+                                   int64_t ignore_index, bool scale_by_t2, bool compute_grad);
 
 }  // namespace kdfused

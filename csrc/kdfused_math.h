@@ -119,6 +119,25 @@ C10_HOST_DEVICE inline void stats_rescale(RowStats& st, float ms_new, float mt_n
   st.ref = ref_new;
 }
 
+// Raises the anchors to cover the n elements about to be added with
+// stats_accumulate: one rescale per chunk instead of one per new maximum.
+C10_HOST_DEVICE inline void stats_raise(RowStats& st, const float* s, const float* t, int64_t n,
+                                        float inv_t) {
+  float cms = neg_inf();
+  float cmt = neg_inf();
+  float t_at = neg_inf();  // teacher logit at the chunk's student argmax
+  for (int64_t k = 0; k < n; ++k) {
+    if (s[k] > cms) {
+      cms = s[k];
+      t_at = t[k];
+    }
+    cmt = max_keep(cmt, t[k]);
+  }
+  const float ms = max_keep(st.ms, cms);
+  const float mt = max_keep(st.mt, cmt);
+  stats_rescale(st, ms, mt, next_ref(st, ms, t_at, mt), inv_t);
+}
+
 // Adds one element (s <= st.ms and t <= st.mt, or NaN).
 C10_HOST_DEVICE inline void stats_accumulate(RowStats& st, float s, float t, float inv_t,
                                              bool with_z1) {

@@ -71,21 +71,11 @@ void distill_rows(const DistillProblem& prob, float grad_scale, float* hard, flo
       RowStats st = stats_empty();
       for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
         const int64_t len = std::min(kChunk, v - j0);
-        float cms = neg_inf();
-        float cmt = neg_inf();
-        float t_at = neg_inf();  // teacher logit at the chunk's student argmax
         for (int64_t k = 0; k < len; ++k) {
           sbuf[k] = static_cast<float>(s[j0 + k]);
           tbuf[k] = static_cast<float>(t[j0 + k]);
-          if (sbuf[k] > cms) {
-            cms = sbuf[k];
-            t_at = tbuf[k];
-          }
-          cmt = max_keep(cmt, tbuf[k]);
         }
-        const float ms = max_keep(st.ms, cms);
-        const float mt = max_keep(st.mt, cmt);
-        stats_rescale(st, ms, mt, next_ref(st, ms, t_at, mt), p.inv_t);
+        stats_raise(st, sbuf, tbuf, len, p.inv_t);
         RowStats lanes[kLanes];
         for (int l = 0; l < kLanes; ++l) lanes[l] = stats_anchored(st);
         for (int64_t k = 0; k < len; ++k) {
@@ -119,12 +109,6 @@ void distill_rows(const DistillProblem& prob, float grad_scale, float* hard, flo
     }
   });
 }
-
-// The logits dtypes the kernels are built for (float64 goes to the reference).
-#define KDFUSED_DISPATCH_LOGITS(TYPE, NAME, ...)                                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                                 \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE( \
-                         at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 }  // namespace
 
