@@ -156,9 +156,11 @@ C10_HOST_DEVICE inline void stats_accumulate(RowStats& st, float s, float t, flo
 C10_HOST_DEVICE inline RowStats stats_merge(RowStats a, RowStats b, float inv_t) {
   const float ms = max_keep(a.ms, b.ms);
   const float mt = max_keep(a.mt, b.mt);
-  const RowStats& peak = b.ms > a.ms ? b : a;  // whose ref sits at the student's argmax
-  const RowStats& other = b.ms > a.ms ? a : b;
-  const float ref = peak.ref != neg_inf() ? peak.ref : other.ref;
+  // The ref of the part that holds the student's argmax, else the other's.
+  // (Selected by value: references to a or b would keep both in GPU local memory.)
+  const bool b_peak = b.ms > a.ms;
+  const float peak_ref = b_peak ? b.ref : a.ref;
+  const float ref = peak_ref != neg_inf() ? peak_ref : (b_peak ? a.ref : b.ref);
   stats_rescale(a, ms, mt, ref, inv_t);
   stats_rescale(b, ms, mt, ref, inv_t);
   return RowStats{ms, mt, ref, a.zs + b.zs, a.zt + b.zt, a.z1 + b.z1, a.ws + b.ws, a.wt + b.wt};
