@@ -23,3 +23,7 @@ TORCH_LIBRARY(kdfused, m) {
 }
 
 TORCH_LIBRARY_IMPL(kdfused, CPU, m) { m.impl("distill_forward", &kdfused::distill_forward_cpu); }
+
+#ifdef KDFUSED_WITH_CUDA  // defined by setup.py when it compiles csrc/cuda/
+TORCH_LIBRARY_IMPL(kdfused, CUDA, m) { m.impl("distill_forward", &kdfused::distill_forward_cuda); }
+#endif
