@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import kdfused
 from kdfused import ops
 
 # Every device the suite runs on: the CPU kernel always, the CUDA kernel when
-# a GPU and a CUDA build are both present.
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops.has_kernel("cuda") else [])
+# a GPU and the CUDA kernel are both present (else those cases are skipped,
+# with the reason printed by pytest -ra; test_ops fails a GPU machine whose
+# build lacks the CUDA kernel).
+CUDA_READY = torch.cuda.is_available() and ops.has_kernel("cuda")
+if CUDA_READY:
+    WHY_NO_CUDA = ""
+elif not torch.cuda.is_available():
+    WHY_NO_CUDA = f"no CUDA GPU visible to torch {torch.__version__}"
+else:
+    WHY_NO_CUDA = "kdfused was built without its CUDA kernel"
+requires_cuda = pytest.mark.skipif(not CUDA_READY, reason=WHY_NO_CUDA)
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 # Both the kernels and PyTorch's float32 path round their intermediates to
 # float32: a few ulps of the largest one is the floor below which "2x of

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -42,7 +43,8 @@ def problems(draw):
     return s, t, labels, upstream, options
 
 
-@given(problem=problems(), device=st.sampled_from(DEVICES))
+@pytest.mark.parametrize("device", DEVICES)
+@given(problem=problems())
 def test_kernel_matches_reference(problem, device):
     s, t, labels, upstream, options = problem
     labels = None if labels is None else labels.to(device)
