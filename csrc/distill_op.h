@@ -26,6 +26,13 @@ std::string text(double x);
 std::string text(at::IntArrayRef shape);
 std::string text(const at::Tensor& t);  // "shape [2, 3], dtype Float, device cpu"
 
+// The op's schema; registration.cpp defines it under the kdfused namespace.
+// Returns (hard_rows, soft_rows, grad): see the kernels' contract below.
+constexpr const char* kDistillForwardSchema =
+    "distill_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? grad_scale, "
+    "float temperature, float alpha, str divergence, float beta, int ignore_index, "
+    "bool scale_by_t2, bool compute_grad) -> (Tensor, Tensor, Tensor)";
+
 // A validated problem: [N, V] logits whose last dim is contiguous (row stride
 // free), [N] contiguous int64 labels, and the folded options.
 struct DistillProblem {

@@ -13,14 +13,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(kdfused, m) {
-  // Returns (hard_rows, soft_rows, grad); see distill_op.h for the contract.
-  m.def(
-      "distill_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? grad_scale, "
-      "float temperature, float alpha, str divergence, float beta, int ignore_index, "
-      "bool scale_by_t2, bool compute_grad) -> (Tensor, Tensor, Tensor)",
-      {at::Tag::pt2_compliant_tag});
-}
+TORCH_LIBRARY(kdfused, m) { m.def(kdfused::kDistillForwardSchema, {at::Tag::pt2_compliant_tag}); }
 
 TORCH_LIBRARY_IMPL(kdfused, CPU, m) { m.impl("distill_forward", &kdfused::distill_forward_cpu); }
 

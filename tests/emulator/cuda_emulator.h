@@ -1,0 +1,103 @@
+// Runs CUDA device code on the CPU, so that the CUDA kernel's own code (pack
+// alignment, per-thread striding, warp and block reductions, the label check)
+// is exercised by the test suite on machines without a GPU. Every CUDA thread
+// of a block is a std::thread, __syncthreads() a block barrier and
+// __shfl_down_sync() an exchange through memory between two warp barriers.
+// Blocks run one after another, so a function-local static stands in for
+// __shared__. It covers what kdfused's kernel uses, nothing more; timing,
+// memory ordering and the hardware's exp are of course not emulated.
+//
+// Include after the torch headers and before the device code.
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace emu {
+
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+inline thread_local Dim3 thread_idx;
+inline thread_local Dim3 block_idx;
+inline Dim3 block_dim;
+inline Dim3 grid_dim;
+
+constexpr int kWarp = 32;
+
+// Synchronisation of the block being run.
+struct Block {
+  explicit Block(unsigned threads) : all(threads), lanes(threads) {
+    for (unsigned w = 0; w < threads / kWarp; ++w)
+      warps.push_back(std::make_unique<std::barrier<>>(kWarp));
+  }
+  std::barrier<> all;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<float> lanes;  // one shuffle slot per thread
+};
+
+inline Block* block = nullptr;
+inline std::atomic<int> failed_asserts{0};
+inline std::string first_failed;  // written by the first failing thread only
+
+inline void device_assert(const char* cond) {
+  if (failed_asserts.fetch_add(1) == 0) first_failed = cond;
+}
+
+// Launches kernel<<<grid, threads>>>(args...) and waits for it.
+template <typename... Params, typename... Args>
+void launch(unsigned grid, unsigned threads, void (*kernel)(Params...), Args... args) {
+  if (threads % kWarp != 0) throw std::invalid_argument("emulator: threads must be whole warps");
+  block_dim = Dim3{threads};
+  grid_dim = Dim3{grid};
+  for (unsigned b = 0; b < grid; ++b) {
+    Block sync(threads);
+    block = &sync;
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (unsigned t = 0; t < threads; ++t) {
+      pool.emplace_back([=] {
+        thread_idx = Dim3{t};
+        block_idx = Dim3{b};
+        kernel(args...);
+      });
+    }
+    for (auto& th : pool) th.join();
+    block = nullptr;
+  }
+}
+
+}  // namespace emu
+
+#define __global__
+#define __device__
+#define __shared__ static
+#define __launch_bounds__(...)
+#define threadIdx emu::thread_idx
+#define blockIdx emu::block_idx
+#define blockDim emu::block_dim
+#define gridDim emu::grid_dim
+
+inline void __syncthreads() { emu::block->all.arrive_and_wait(); }
+
+inline float __shfl_down_sync(unsigned /*mask: all lanes take part here*/, float v, int delta) {
+  const int lane = threadIdx.x % emu::kWarp;
+  const int warp = threadIdx.x / emu::kWarp;
+  float* slots = emu::block->lanes.data() + warp * emu::kWarp;
+  slots[lane] = v;
+  emu::block->warps[warp]->arrive_and_wait();
+  const float out = lane + delta < emu::kWarp ? slots[lane + delta] : v;
+  emu::block->warps[warp]->arrive_and_wait();  // nobody overwrites a slot still being read
+  return out;
+}
+
+// A failed device assert stops a CUDA kernel; here it is counted and the
+// thread goes on (the kernel never reads a bad label's column either way).
+#undef CUDA_KERNEL_ASSERT
+#define CUDA_KERNEL_ASSERT(cond) \
+  if (!(cond)) emu::device_assert(#cond)

@@ -1,0 +1,54 @@
+// kdfused_emulated::distill_forward: the CUDA kernel of csrc/cuda/ run on CPU
+// tensors by cuda_emulator.h, behind the same schema and the same launch
+// configuration as the real CUDA op (csrc/cuda/distill_cuda.cu).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "distill_op.h"
+// clang-format off: the emulator must come after the torch headers
+#include "cuda_emulator.h"
+#include "cuda/distill_kernel.cuh"
+// clang-format on
+
+namespace kdfused {
+namespace {
+
+DistillResult distill_forward_emulated(const at::Tensor& student, const at::Tensor& teacher,
+                                       const std::optional<at::Tensor>& labels,
+                                       const std::optional<at::Tensor>& grad_scale,
+                                       double temperature, double alpha,
+                                       c10::string_view divergence, double beta,
+                                       int64_t ignore_index, bool scale_by_t2, bool compute_grad) {
+  const DistillProblem prob = prepare_problem(student, teacher, labels, grad_scale, temperature,
+                                              alpha, divergence, beta, ignore_index, scale_by_t2);
+  TORCH_CHECK_VALUE(student.device().is_cpu(), "the emulator takes CPU tensors");
+  auto [hard, soft, grad] = allocate_outputs(prob, compute_grad);
+  if (prob.n == 0) return {hard, soft, grad};
+  emu::failed_asserts = 0;
+  KDFUSED_DISPATCH_LOGITS(prob.student.scalar_type(), "kdfused_emulated", [&] {
+    using S = scalar_t;
+    KDFUSED_DISPATCH_LOGITS(prob.teacher.scalar_type(), "kdfused_emulated", [&] {
+      using Tt = scalar_t;
+      emu::launch(
+          static_cast<unsigned>(prob.n), cuda::threads_for(prob.v, cuda::pack_width<S, Tt>()),
+          &cuda::distill_rows_kernel<S, Tt>, prob.student.const_data_ptr<S>(),
+          prob.teacher.const_data_ptr<Tt>(), prob.student.stride(0), prob.teacher.stride(0),
+          prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr,
+          grad_scale ? grad_scale->const_data_ptr<float>() : nullptr, hard.data_ptr<float>(),
+          soft.data_ptr<float>(), compute_grad ? grad.data_ptr<S>() : nullptr, prob.v, prob.params);
+    });
+  });
+  // What CUDA reports at the next synchronisation after a device-side assert.
+  TORCH_CHECK(emu::failed_asserts == 0,
+              "CUDA error: device-side assert triggered (emulated: ", emu::first_failed, ")");
+  return {hard, soft, grad};
+}
+
+}  // namespace
+}  // namespace kdfused
+
+TORCH_LIBRARY(kdfused_emulated, m) { m.def(kdfused::kDistillForwardSchema); }
+
+TORCH_LIBRARY_IMPL(kdfused_emulated, CPU, m) {
+  m.impl("distill_forward", &kdfused::distill_forward_emulated);
+}

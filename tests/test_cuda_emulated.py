@@ -1,0 +1,184 @@
+"""The CUDA kernel's device code, run on the CPU by tests/emulator/ (a thread per
+CUDA thread, real barriers and warp exchanges), through the whole public path:
+fused_distill_loss -> autograd.Function -> op -> kernel. This is how the suite
+checks that kernel's indexing, alignment, reductions and label check on
+machines without a GPU; test_cuda.py runs the real thing where there is one.
+"""
+
+import functools
+import pathlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from oracle import check_against_oracle, make_labels, make_logits, run_loss
+from test_property import problems
+
+import kdfused
+from kdfused import ops
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
+
+
+@functools.cache
+def _emulated_op():
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(
+        name="kdfused_cuda_emulator",
+        sources=[
+            str(ROOT / "tests/emulator/distill_emulated.cpp"),
+            str(ROOT / "csrc/distill_op.cpp"),
+        ],
+        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests/emulator")],
+        extra_cflags=["-O2", "-std=c++20"],
+        is_python_module=False,
+    )
+    return torch.ops.kdfused_emulated.distill_forward.default
+
+
+# The op's scalar arguments, in schema order.
+ORDER = (
+    "temperature",
+    "alpha",
+    "divergence",
+    "beta",
+    "ignore_index",
+    "scale_by_t2",
+    "compute_grad",
+)
+
+
+def _route_to_emulator(patch):
+    """Makes kdfused's op layer call the emulated CUDA kernel (CPU tensors)."""
+    op = _emulated_op()
+    patch.setattr(
+        ops,
+        "distill_forward",
+        lambda s, t, y, scale, **options: op(s, t, y, scale, *(options[k] for k in ORDER)),
+    )
+    return op
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    return _route_to_emulator(monkeypatch)
+
+
+@pytest.mark.parametrize("n,vocab", [(1, 1), (7, 3), (5, 1001), (3, 4099), (2, 32001)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_sizes_and_dtypes(emulated, n, vocab, dtype, divergence):
+    """Odd V puts each row at another alignment: scalar heads, packs, tails;
+    V = 32001 uses whole 512-thread blocks."""
+    s = make_logits((n, vocab), dtype, seed=80)
+    t = make_logits((n, vocab), torch.bfloat16, seed=81)
+    y = make_labels((n,), vocab, "some")
+    check_against_oracle(s, t, y, divergence=divergence)
+
+
+@pytest.mark.parametrize("s_offset,t_offset", [(1, 1), (3, 3), (1, 2), (0, 5), (7, 0)])
+@pytest.mark.parametrize("t_dtype", [torch.bfloat16, torch.float32])
+def test_offset_views(emulated, s_offset, t_offset, t_dtype):
+    """Rows that start off a pack boundary, the same way in both inputs (packs
+    after a head) or not (the whole row scalar): same numbers as a copy."""
+    n, vocab = 4, 2056
+    base_s = make_logits((n * vocab + 8,), torch.bfloat16, seed=82)
+    base_t = make_logits((n * vocab + 8,), t_dtype, seed=83)
+    s = base_s[s_offset : s_offset + n * vocab].view(n, vocab)
+    t = base_t[t_offset : t_offset + n * vocab].view(n, vocab)
+    y = make_labels((n,), vocab, "some")
+    out, grad = check_against_oracle(s, t, y, divergence="jsd")
+    out_c, grad_c = run_loss(s.clone(), t.clone(), y, divergence="jsd")
+    assert torch.equal(out.loss, out_c.loss) and torch.equal(grad, grad_c)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(alpha=0.0),
+        dict(alpha=1.0, reduction="sum"),
+        dict(temperature=0.5, scale_by_t2=False, reduction="none"),
+        dict(temperature=8.0, beta=0.1, ignore_index=3),
+    ],
+)
+def test_options(emulated, divergence, options):
+    s = make_logits((6, 300), seed=84)
+    t = make_logits((6, 300), seed=85)
+    y = make_labels((6,), 300, "some", ignore_index=options.get("ignore_index", -100))
+    upstream = torch.rand(6) + 0.5 if options.get("reduction") == "none" else None
+    check_against_oracle(s, t, y, upstream, divergence=divergence, **options)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("offset", [1e4, 0.0])
+def test_large_logits(emulated, divergence, offset):
+    """Logits of magnitude 1e4: a shared offset, or a 1e4 spread (near one-hot)."""
+    scale = 3.0 if offset else 1e4
+    s = make_logits((4, 333), seed=86, scale=scale) + offset
+    t = make_logits((4, 333), seed=87, scale=scale) + offset
+    y = make_labels((4,), 333, "none")
+    out, grad = check_against_oracle(s, t, y, divergence=divergence)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_masked_and_nan(emulated, divergence):
+    """-inf in both models (masked entries) gives no NaN; a NaN logit makes
+    its own row NaN and no other."""
+    s = make_logits((4, 500), seed=94)
+    t = make_logits((4, 500), seed=95)
+    s[:, ::3] = t[:, ::3] = -torch.inf
+    y = torch.tensor([1, 2, 4, -100])
+    check_against_oracle(s, t, y, divergence=divergence)
+    s[1, 17] = torch.nan
+    out, grad = run_loss(s, t, y, divergence=divergence, reduction="none")
+    assert torch.isnan(out.loss[1]) and torch.isfinite(out.loss[[0, 2, 3]]).all()
+    assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2, 3]]).all()
+
+
+def test_no_labels_and_no_grad(emulated):
+    s = make_logits((5, 777), seed=88)
+    t = make_logits((5, 777), seed=89)
+    check_against_oracle(s, t, None, alpha=0.0, divergence="reverse_kl")
+    hard, soft, grad = emulated(s, t, None, None, 2.0, 0.0, "jsd", 0.5, -100, True, False)
+    assert grad.numel() == 0 and torch.all(hard == 0) and torch.all(soft > 0)
+
+
+def test_matches_cpu_kernel_closely(emulated):
+    """Same math, another summation order: the two kernels agree to float32
+    rounding on a 32k vocabulary."""
+    s = make_logits((4, 32000), seed=90)
+    t = make_logits((4, 32000), seed=91)
+    y = make_labels((4,), 32000, "none")
+    args = (s, t, y, None, 2.0, 0.5, "reverse_kl", 0.5, -100, True, True)
+    got = emulated(*args)
+    cpu = torch.ops.kdfused.distill_forward.default(*args)
+    for a, b in zip(got, cpu, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad_label", [-1, 4000, 1 << 40])
+def test_label_out_of_range(emulated, capfd, bad_label):
+    """The kernel asserts on the device, prints the label, and reads nothing
+    at a bad label (its row's hard term is NaN instead)."""
+    s = make_logits((4, 4000), seed=92)
+    t = make_logits((4, 4000), seed=93)
+    y = torch.tensor([1, 2, bad_label, -100])
+    with pytest.raises(RuntimeError, match=r"device-side assert triggered \(emulated: label_ok\)"):
+        kdfused.fused_distill_loss(s, t, y)
+    printed = capfd.readouterr().out
+    assert f"kdfused: labels[2] = {bad_label} is outside [0, V) with V = 4000" in printed
+
+
+@settings(max_examples=60)
+@given(problem=problems())
+def test_property(problem):
+    """The property test of test_property.py, through the emulated kernel.
+    (A context manager, not the fixture: hypothesis reruns the body.)"""
+    s, t, labels, upstream, options = problem
+    with pytest.MonkeyPatch.context() as patch:
+        _route_to_emulator(patch)
+        check_against_oracle(s, t, labels, upstream, **options)
