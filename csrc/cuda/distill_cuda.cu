@@ -1,7 +1,7 @@
 // The CUDA launcher of kdfused::distill_forward: checks, outputs, dtype
 // dispatch and the launch on the current stream (device code: distill_kernel.cuh).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
