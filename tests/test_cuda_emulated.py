@@ -17,6 +17,7 @@ from test_property import problems
 import kdfused
 from kdfused import ops
 
+pytestmark = pytest.mark.emulated
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
 

@@ -1,0 +1,292 @@
+"""Benchmark CLI: provider x mode x size, side by side in one process.
+
+    python -m benchmarks.run --device cuda --dtype bfloat16 --sizes 8192x128256 \\
+        --providers kdfused,eager,compile,liger --csv out.csv --md out.md
+
+Times are medians over --reps runs after --warmup runs (CUDA events on GPU,
+perf_counter on CPU). Modes: "forward" (the loss call, graph built), "backward"
+(loss.backward() alone) and "full" (both). Peak memory is what one full step
+allocates beyond its inputs: torch.cuda.max_memory_allocated on GPU, peak RSS
+growth (VmHWM after resetting it) on CPU; also given in N x V student-dtype
+buffers. kdfused rows also give the achieved bandwidth against the byte floor
+(read student + read teacher + write gradient = 3 N V element size) as a share
+of the copy bandwidth measured in the same run. Every row names the device,
+torch version, dtype, sizes and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from .providers import PROVIDERS, LossOptions
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODES = ("forward", "backward", "full")
+
+
+def commit() -> str:
+    if os.environ.get("KDFUSED_COMMIT"):
+        return os.environ["KDFUSED_COMMIT"]
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+class Timer:
+    """Wall time of fn() in seconds, synchronised with the device."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
+
+
+class PeakMemory:
+    """Bytes allocated at the peak of fn() beyond what was live before it."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"no {field} in /proc/self/status")
+
+    def __call__(self, fn) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before
+        # Hand freed heap pages back to the OS first, or a buffer reused from
+        # an earlier step would not show up as growth.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size, to the current one
+        before = self._status_kib("VmRSS")
+        fn()
+        return (self._status_kib("VmHWM") - before) * 1024
+
+
+def copy_bandwidth(n: int, v: int, dtype, device: str, reps: int) -> float:
+    """Bytes per second of dst.copy_(src) for one N x V tensor (read + write)."""
+    src = torch.empty(n, v, dtype=dtype, device=device).normal_()
+    dst = torch.empty_like(src)
+    timer = Timer(device)
+    for _ in range(2):
+        dst.copy_(src)
+    t = statistics.median(timer(lambda: dst.copy_(src)) for _ in range(reps))
+    return 2 * src.numel() * src.element_size() / t
+
+
+def make_inputs(n, v, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    student = torch.randn(n, v, generator=g, device=device, dtype=dtype).mul_(3)
+    teacher = torch.randn(n, v, generator=g, device=device, dtype=dtype).mul_(3)
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
+    labels[::7] = -100  # some ignored rows, as with padding
+    return student, teacher, labels
+
+
+def bench_one(loss_fn, inputs, mode, device, warmup, reps):
+    """(median seconds, peak bytes of one full step)."""
+    student, teacher, labels = inputs
+    s = student.detach().clone().requires_grad_()
+    timer = Timer(device)
+
+    losses = []  # the forward mode's output, kept for the untimed backward
+
+    def forward():
+        losses.append(loss_fn(s, teacher, labels))
+
+    def full():
+        s.grad = None
+        forward()
+        losses.pop().backward()
+
+    times = []
+    for i in range(warmup + reps):
+        s.grad = None
+        if mode == "full":
+            elapsed = timer(full)
+        elif mode == "forward":
+            elapsed = timer(forward)
+            losses.pop().backward()
+        else:
+            forward()
+            elapsed = timer(losses.pop().backward)
+        if i >= warmup:
+            times.append(elapsed)
+    s.grad = None
+    peak = PeakMemory(device)(full)
+    return statistics.median(times), peak
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.split(","):
+        n, v = item.lower().split("x")
+        sizes.append((int(n), int(v)))
+    return sizes
+
+
+def run(args) -> list[dict]:
+    device, dtype = args.device, DTYPES[args.dtype]
+    opts = LossOptions(
+        temperature=args.temperature,
+        alpha=args.alpha,
+        divergence=args.divergence,
+        beta=args.beta,
+    )
+    meta = dict(
+        device=device_name(device),
+        torch=torch.__version__,
+        commit=commit(),
+        date=datetime.date.today().isoformat(),
+        dtype=args.dtype,
+        divergence=opts.divergence,
+        temperature=opts.temperature,
+        alpha=opts.alpha,
+    )
+    rows = []
+    for n, v in parse_sizes(args.sizes):
+        inputs = make_inputs(n, v, dtype, device)
+        elem = inputs[0].element_size()
+        copy_bw = copy_bandwidth(n, v, dtype, device, max(args.reps, 3))
+        for name in args.providers.split(","):
+            provider = PROVIDERS[name]
+            why = provider.missing(device)
+            if why:
+                print(f"skipped {name}: {why}", file=sys.stderr)
+                continue
+            loss_fn = provider.make(opts)
+            for mode in args.modes.split(","):
+                try:
+                    seconds, peak = bench_one(loss_fn, inputs, mode, device, args.warmup, args.reps)
+                except torch.OutOfMemoryError:
+                    print(f"{name} {mode} {n}x{v}: out of memory", file=sys.stderr)
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                row = dict(meta, provider=name, mode=mode, n=n, v=v)
+                row.update(
+                    ms=round(seconds * 1e3, 3),
+                    peak_mib=round(peak / 2**20, 1),
+                    peak_nv=round(peak / (n * v * elem), 2),
+                    copy_gbps=round(copy_bw / 1e9, 1),
+                )
+                if name == "kdfused" and mode == "full":
+                    floor = 3 * n * v * elem
+                    row["floor_gbps"] = round(floor / seconds / 1e9, 1)
+                    row["pct_of_copy"] = round(100 * floor / seconds / copy_bw, 1)
+                rows.append(row)
+                print(format_row(row), flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+COLUMNS = ["provider", "mode", "n", "v", "ms", "peak_mib", "peak_nv", "floor_gbps", "pct_of_copy"]
+META = ["device", "torch", "commit", "date", "dtype", "divergence", "temperature", "alpha"]
+FIELDS = META + COLUMNS + ["copy_gbps"]
+
+
+def format_row(row) -> str:
+    return "  ".join(f"{k}={row.get(k, '')}" for k in COLUMNS)
+
+
+def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)\n"
+    first = rows[0]
+    head = (
+        f"{first['device']}, torch {first['torch']}, commit {first['commit']}, {first['date']}; "
+        f"{first['dtype']}, {first['divergence']}, T = {first['temperature']}, "
+        f"alpha = {first['alpha']}; median times; copy bandwidth {first['copy_gbps']} GB/s\n\n"
+    )
+    lines = [
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(k, "")) for k in COLUMNS) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--sizes", default="4096x32000", help="NxV[,NxV...]")
+    parser.add_argument("--providers", default="kdfused,eager,compile,liger")
+    parser.add_argument("--modes", default="full", help=",".join(MODES))
+    parser.add_argument("--divergence", default="forward_kl")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--csv", help="write the rows to this CSV file")
+    parser.add_argument("--md", help="write a markdown table to this file")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda, but torch {torch.__version__} sees no CUDA GPU")
+    for mode in args.modes.split(","):
+        if mode not in MODES:
+            parser.error(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+    for name in args.providers.split(","):
+        if name not in PROVIDERS:
+            parser.error(f"unknown provider {name!r}: choose from {', '.join(PROVIDERS)}")
+
+    rows = run(args)
+    table = markdown(rows)
+    print(table)
+    if args.md:
+        with open(args.md, "a") as f:
+            f.write(table + "\n")
+    if args.csv and rows:
+        new = not os.path.exists(args.csv)
+        with open(args.csv, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
