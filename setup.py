@@ -32,10 +32,13 @@ cpu_sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
 cuda_sources = _rel("csrc/cuda/*.cu")
 with_cuda = want_cuda() and bool(cuda_sources)
 
-# -O3 but no -march: the wheel must run on any x86-64 (no SIGILL without AVX2).
+# -O3 but no -march: the wheel must run on any x86-64 (no SIGILL without AVX2);
+# the CPU kernel compiles its AVX2 path per function and picks it at run time.
+# -fno-trapping-math lets the vectoriser compute both arms of a select (the
+# code never reads floating-point exception flags); results are unchanged.
 # -fopenmp so that at::parallel_for really runs in parallel; the library links
 # libgomp.so.1, which resolves to the one torch has already loaded.
-cxx_flags = ["-O3", "-fopenmp"]
+cxx_flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
 extension_kwargs = dict(
     name="kdfused._C",
     sources=cpu_sources,

@@ -106,8 +106,6 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
   p.soft_scale = static_cast<float>(soft_scale);
   p.soft_coef = static_cast<float>((1.0 - alpha) * soft_scale);
   p.beta = static_cast<float>(beta);
-  p.log_beta = static_cast<float>(std::log(beta));
-  p.log_1m_beta = static_cast<float>(std::log1p(-beta));
   p.div = parse_divergence(divergence);
   p.ignore_index = ignore_index;
   p.has_labels = labels.has_value();

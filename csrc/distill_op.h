@@ -76,6 +76,11 @@ DistillResult distill_forward_cpu(const at::Tensor& student, const at::Tensor& t
                                   double alpha, c10::string_view divergence, double beta,
                                   int64_t ignore_index, bool scale_by_t2, bool compute_grad);
 
+// The CPU kernel's instruction set for this process: "avx2" (AVX2 + FMA, when
+// the CPU has both) or "default" (baseline x86-64; forced by
+// KDFUSED_CPU_CAPABILITY=default).
+std::string cpu_capability();
+
 DistillResult distill_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                    const std::optional<at::Tensor>& labels,
                                    const std::optional<at::Tensor>& grad_scale, double temperature,

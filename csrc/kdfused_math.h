@@ -12,8 +12,11 @@
 
 #include <c10/macros/Macros.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace kdfused {
 
@@ -21,13 +24,11 @@ enum class Divergence : int32_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 
 // The options, folded into the coefficients the inner loops use.
 struct LossParams {
-  float inv_t;        // 1 / T
-  float alpha;        // weight of the hard term
-  float soft_scale;   // T^2 if scale_by_t2 else 1: soft_i = soft_scale * D_i
-  float soft_coef;    // (1 - alpha) * soft_scale: weight of D_i in loss_i
-  float beta;         // JSD mixture weight of the teacher
-  float log_beta;     // log(beta)
-  float log_1m_beta;  // log(1 - beta)
+  float inv_t;       // 1 / T
+  float alpha;       // weight of the hard term
+  float soft_scale;  // T^2 if scale_by_t2 else 1: soft_i = soft_scale * D_i
+  float soft_coef;   // (1 - alpha) * soft_scale: weight of D_i in loss_i
+  float beta;        // JSD mixture weight of the teacher
   Divergence div;
   int64_t ignore_index;
   bool has_labels;
@@ -35,16 +36,98 @@ struct LossParams {
 
 C10_HOST_DEVICE inline float neg_inf() { return -INFINITY; }
 
+#ifndef __CUDA_ARCH__
+namespace host {
+
+inline float from_bits(int32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+inline int32_t to_bits(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
+}  // namespace host
+#endif
+
+// exp and log of the hot loops. On the GPU the hardware's (nvcc
+// --use_fast_math). On the CPU branch-free polynomials, so that the compiler
+// vectorises the loops that call them (calls into libm would keep them scalar):
+// within about 1 ulp of expf / logf, with gradual underflow, +-inf and NaN kept.
+C10_HOST_DEVICE inline float kd_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return ::expf(x);
+#else
+  // x = n ln2 + r with |r| <= ln2 / 2, exp(x) = 2^n exp(r). Outside
+  // [-104, 89] the result is 0 or inf anyway; NaN passes both tests unchanged.
+  const float xc = x < -104.f ? -104.f : (x > 89.f ? 89.f : x);
+  const float n = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest
+  // ln2 in two parts: n * 0.693359375 is exact for |n| < 2^15.
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float e = 1.f / 5040.f;  // Taylor to r^7: truncation < 0.05 ulp for |r| <= ln2 / 2
+  e = e * r + 1.f / 720.f;
+  e = e * r + 1.f / 120.f;
+  e = e * r + 1.f / 24.f;
+  e = e * r + 1.f / 6.f;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  // 2^n as two normal powers of two, so that n down to -150 underflows gradually.
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t half = ni >> 1;
+  return e * host::from_bits((half + 127) << 23) * host::from_bits((ni - half + 127) << 23);
+#endif
+}
+
+C10_HOST_DEVICE inline float kd_log(float x) {
+#ifdef __CUDA_ARCH__
+  return ::logf(x);
+#else
+  // x = 2^k m with m in [sqrt(1/2), sqrt(2)); log m = 2 atanh(u), u = (m - 1) / (m + 1).
+  const bool tiny = x < FLT_MIN;  // subnormals (and 0, negatives) scaled by 2^23 first
+  const float xs = tiny ? x * 8388608.f : x;
+  const int32_t bits = host::to_bits(xs);
+  int32_t k = ((bits >> 23) & 0xff) - 127 - (tiny ? 23 : 0);
+  float m = host::from_bits((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const bool big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  k = big ? k + 1 : k;
+  const float u = (m - 1.f) / (m + 1.f);  // |u| <= 0.1716
+  const float u2 = u * u;
+  float s = 1.f / 11.f;  // atanh series to u^11: truncation < 1e-10 relative
+  s = s * u2 + 1.f / 9.f;
+  s = s * u2 + 1.f / 7.f;
+  s = s * u2 + 1.f / 5.f;
+  s = s * u2 + 1.f / 3.f;
+  const float log_m = 2.f * u + 2.f * u * (u2 * s);
+  const float kf = static_cast<float>(k);
+  const float y = kf * 0.693359375f + (log_m - kf * 2.12194440e-4f);
+  // log 0 = -inf, log(x < 0) = NaN, log inf = inf, NaN stays NaN.
+  return x == 0.f ? neg_inf() : (x < 0.f ? NAN : (x == INFINITY ? x : (x == x ? y : x)));
+#endif
+}
+
 // exp((x - m) * inv_t), and exactly 0 for x == -inf even when m is -inf too
 // (masked vocabulary entries must not produce NaN). NaN x propagates.
 C10_HOST_DEVICE inline float shifted_exp(float x, float m, float inv_t) {
-  return x == neg_inf() ? 0.f : ::expf((x - m) * inv_t);
+  return x == neg_inf() ? 0.f : kd_exp((x - m) * inv_t);
 }
 
 // weight * value with the convention 0 * log 0 = 0: a zero weight contributes
 // 0 even when value is inf or NaN (e.g. -inf - -inf). A NaN weight propagates.
 C10_HOST_DEVICE inline float weighted(float weight, float value) {
   return weight == 0.f ? 0.f : weight * value;
+}
+
+// The same for a probability weight, which counts as 0 below FLT_MIN (its term
+// is below 1e-36; the GPU flushes such values to 0 anyway). Then log m, with m
+// >= (1 - beta) p or beta p, is finite wherever the weight counts.
+C10_HOST_DEVICE inline float prob_weighted(float prob, float value) {
+  return prob < FLT_MIN ? 0.f : prob * value;
 }
 
 // NaN-propagating max: a NaN input never becomes the running max (x > m is
@@ -119,13 +202,23 @@ C10_HOST_DEVICE inline void stats_rescale(RowStats& st, float ms_new, float mt_n
   st.ref = ref_new;
 }
 
-// Raises the anchors to cover the n elements about to be added with
-// stats_accumulate: one rescale per chunk instead of one per new maximum.
+// Raises the anchors to cover a chunk about to be added with stats_accumulate,
+// given the chunk's maxima cms, cmt (NaN skipped) and t_at, the teacher logit
+// at the chunk's first student argmax (read only when cms > st.ms): one
+// rescale per chunk instead of one per new maximum.
+C10_HOST_DEVICE inline void stats_raise(RowStats& st, float cms, float cmt, float t_at,
+                                        float inv_t) {
+  const float ms = max_keep(st.ms, cms);
+  const float mt = max_keep(st.mt, cmt);
+  stats_rescale(st, ms, mt, next_ref(st, ms, t_at, mt), inv_t);
+}
+
+// The same for n elements at hand (a GPU thread's pack).
 C10_HOST_DEVICE inline void stats_raise(RowStats& st, const float* s, const float* t, int64_t n,
                                         float inv_t) {
   float cms = neg_inf();
   float cmt = neg_inf();
-  float t_at = neg_inf();  // teacher logit at the chunk's student argmax
+  float t_at = neg_inf();
   for (int64_t k = 0; k < n; ++k) {
     if (s[k] > cms) {
       cms = s[k];
@@ -133,23 +226,30 @@ C10_HOST_DEVICE inline void stats_raise(RowStats& st, const float* s, const floa
     }
     cmt = max_keep(cmt, t[k]);
   }
-  const float ms = max_keep(st.ms, cms);
-  const float mt = max_keep(st.mt, cmt);
-  stats_rescale(st, ms, mt, next_ref(st, ms, t_at, mt), inv_t);
+  stats_raise(st, cms, cmt, t_at, inv_t);
+}
+
+// What one element (s <= ms, t <= mt, or NaN) adds to the sums of a state with
+// anchors ms, mt, ref (fields passed one by one, so that a CPU kernel can keep
+// its partial sums in SIMD lanes).
+C10_HOST_DEVICE inline void accumulate_terms(float s, float t, float ms, float mt, float ref,
+                                             float inv_t, bool with_z1, float& zs, float& zt,
+                                             float& z1, float& ws, float& wt) {
+  const float ds = below(s, ms);
+  const float dt = below(t, mt);
+  const float es = kd_exp(ds * inv_t);
+  const float et = kd_exp(dt * inv_t);
+  zs += es;
+  zt += et;
+  ws += weighted(es, (ds - below(t, ref)) * inv_t);
+  wt += weighted(et, (dt - ds) * inv_t);
+  if (with_z1) z1 += kd_exp(ds);
 }
 
 // Adds one element (s <= st.ms and t <= st.mt, or NaN).
 C10_HOST_DEVICE inline void stats_accumulate(RowStats& st, float s, float t, float inv_t,
                                              bool with_z1) {
-  const float ds = below(s, st.ms);
-  const float dt = below(t, st.mt);
-  const float es = ::expf(ds * inv_t);
-  const float et = ::expf(dt * inv_t);
-  st.zs += es;
-  st.zt += et;
-  st.ws += weighted(es, (ds - below(t, st.ref)) * inv_t);
-  st.wt += weighted(et, (dt - ds) * inv_t);
-  if (with_z1) st.z1 += ::expf(ds);
+  accumulate_terms(s, t, st.ms, st.mt, st.ref, inv_t, with_z1, st.zs, st.zt, st.z1, st.ws, st.wt);
 }
 
 // Merges two partial states of the same row (order-independent up to rounding).
@@ -207,15 +307,9 @@ C10_HOST_DEVICE inline float log_pt(float t, const RowConsts& c, const LossParam
   return (t - c.mt) * p.inv_t - c.log_zt;
 }
 
-// log m = log(beta p_t + (1 - beta) p_s), as a log-sum-exp of the two log-probs
-// so that it stays finite where both probabilities underflow.
-C10_HOST_DEVICE inline float log_mix(float lpt, float lps, const LossParams& p) {
-  const float a = lpt + p.log_beta;
-  const float b = lps + p.log_1m_beta;
-  const float hi = a > b ? a : b;
-  const float lo = a > b ? b : a;
-  if (hi == neg_inf()) return neg_inf();
-  return hi + ::log1pf(::expf(lo - hi));
+// log m = log(beta p_t + (1 - beta) p_s), from the two probabilities.
+C10_HOST_DEVICE inline float log_mix(float pt, float ps, const LossParams& p) {
+  return kd_log(p.beta * pt + (1.f - p.beta) * ps);
 }
 
 // JSD pass 2: the two row sums KL(p_t || m) and KL(p_s || m).
@@ -228,9 +322,11 @@ C10_HOST_DEVICE inline void jsd_accumulate(JsdSums& acc, float s, float t, const
                                            const LossParams& p) {
   const float lps = log_ps(s, c, p);
   const float lpt = log_pt(t, c, p);
-  const float lm = log_mix(lpt, lps, p);
-  acc.kl_tm += weighted(::expf(lpt), lpt - lm);
-  acc.kl_sm += weighted(::expf(lps), lps - lm);
+  const float ps = kd_exp(lps);
+  const float pt = kd_exp(lpt);
+  const float lm = log_mix(pt, ps, p);
+  acc.kl_tm += prob_weighted(pt, lpt - lm);
+  acc.kl_sm += prob_weighted(ps, lps - lm);
 }
 
 C10_HOST_DEVICE inline JsdSums jsd_merge(JsdSums a, JsdSums b) {
@@ -249,31 +345,58 @@ C10_HOST_DEVICE inline float hard_loss(float s_label, const RowConsts& c) {
 }
 
 // d loss_i / d s_iv for one element (before the reduction's row weight):
-//   alpha * (q - onehot(y)) + (1 - alpha) * soft_scale * dD/ds.
-// A term whose weight is 0 is skipped, so it cannot turn a finite gradient NaN.
-C10_HOST_DEVICE inline float grad_element(float s, float t, bool is_label, const RowConsts& c,
-                                          const LossParams& p) {
+//   alpha * (q - onehot(y)) + (1 - alpha) * soft_scale * dD/ds,
+// for a divergence D known at compile time (kHard: the hard term has a weight,
+// kSoft: the soft term has one). A term whose weight is 0 is skipped, so it
+// cannot turn a finite gradient NaN.
+template <Divergence D, bool kHard, bool kSoft>
+C10_HOST_DEVICE inline float grad_element_as(float s, float t, bool is_label, const RowConsts& c,
+                                             const LossParams& p) {
   float g = 0.f;
-  if (p.has_labels && p.alpha != 0.f) {
-    const float q = ::expf((s - c.ms) - c.log_z1);  // softmax(s), exp(-inf) = 0
+  if (kHard) {
+    const float q = kd_exp((s - c.ms) - c.log_z1);  // softmax(s), exp(-inf) = 0
     g = p.alpha * (q - (is_label ? 1.f : 0.f));
   }
-  if (p.soft_coef != 0.f) {
+  if (kSoft) {
     const float lps = log_ps(s, c, p);
-    const float ps = ::expf(lps);
+    const float ps = kd_exp(lps);
     float dd;
-    if (p.div == Divergence::kForwardKL) {
-      dd = ps - ::expf(log_pt(t, c, p));
-    } else if (p.div == Divergence::kReverseKL) {
+    if (D == Divergence::kForwardKL) {
+      dd = ps - kd_exp(log_pt(t, c, p));
+    } else if (D == Divergence::kReverseKL) {
       // log p_s - log p_t - KL(p_s || p_t) = r_s - E_ps[r_s]
       dd = weighted(ps, (below(s, c.ms) - below(t, c.ref)) * p.inv_t - c.mean_rs);
     } else {
-      const float lm = log_mix(log_pt(t, c, p), lps, p);
-      dd = (1.f - p.beta) * weighted(ps, lps - lm - c.kl_sm);
+      const float lm = log_mix(kd_exp(log_pt(t, c, p)), ps, p);
+      dd = (1.f - p.beta) * prob_weighted(ps, lps - lm - c.kl_sm);
     }
     g += p.soft_coef * p.inv_t * dd;
   }
   return g;
+}
+
+// Calls f(std::integral_constant<Divergence, D>) for the run-time divergence.
+template <typename F>
+C10_HOST_DEVICE inline decltype(auto) with_divergence(Divergence d, F&& f) {
+  if (d == Divergence::kForwardKL)
+    return f(std::integral_constant<Divergence, Divergence::kForwardKL>{});
+  if (d == Divergence::kReverseKL)
+    return f(std::integral_constant<Divergence, Divergence::kReverseKL>{});
+  return f(std::integral_constant<Divergence, Divergence::kJSD>{});
+}
+
+// grad_element_as with the divergence and the term weights known at run time.
+C10_HOST_DEVICE inline float grad_element(float s, float t, bool is_label, const RowConsts& c,
+                                          const LossParams& p) {
+  const bool hard = p.has_labels && p.alpha != 0.f;
+  const bool soft = p.soft_coef != 0.f;
+  return with_divergence(p.div, [&](auto d) {
+    constexpr Divergence D = decltype(d)::value;
+    if (hard && soft) return grad_element_as<D, true, true>(s, t, is_label, c, p);
+    if (hard) return grad_element_as<D, true, false>(s, t, is_label, c, p);
+    if (soft) return grad_element_as<D, false, true>(s, t, is_label, c, p);
+    return 0.f;
+  });
 }
 
 }  // namespace kdfused

@@ -13,7 +13,11 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(kdfused, m) { m.def(kdfused::kDistillForwardSchema, {at::Tag::pt2_compliant_tag}); }
+TORCH_LIBRARY(kdfused, m) {
+  m.def(kdfused::kDistillForwardSchema, {at::Tag::pt2_compliant_tag});
+  // Which instruction set the CPU kernel uses in this process.
+  m.def("cpu_capability() -> str", &kdfused::cpu_capability);
+}
 
 TORCH_LIBRARY_IMPL(kdfused, CPU, m) { m.impl("distill_forward", &kdfused::distill_forward_cpu); }
 

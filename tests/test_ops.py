@@ -105,3 +105,53 @@ def test_extension_is_loaded():
     assert ops.has_kernel("cpu")
     if torch.version.cuda and torch.cuda.is_available():
         assert ops.has_kernel("cuda"), "a CUDA torch and a GPU, but no CUDA kernel was built"
+
+
+def test_cpu_instruction_sets_agree(monkeypatch):
+    """The baseline x86-64 path (what a CPU without AVX2 runs) and the AVX2 path
+    both meet the oracle; KDFUSED_CPU_CAPABILITY=default forces the baseline."""
+    from oracle import check_against_oracle
+
+    s = make_logits((5, 3001), seed=52)
+    t = make_logits((5, 3001), torch.bfloat16, seed=53)
+    y = make_labels((5,), 3001, "some")
+    results = {}
+    for forced in ("default", None):
+        if forced:
+            monkeypatch.setenv("KDFUSED_CPU_CAPABILITY", forced)
+        else:
+            monkeypatch.delenv("KDFUSED_CPU_CAPABILITY", raising=False)
+        capability = torch.ops.kdfused.cpu_capability()
+        assert capability == (forced or capability) and capability in ("default", "avx2")
+        results[capability] = check_against_oracle(s, t, y, divergence="jsd")
+    (loss_a, grad_a), (loss_b, grad_b) = results.values()
+    torch.testing.assert_close(loss_a.loss, loss_b.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=1e-7)
+
+
+def test_baseline_path_has_no_avx():
+    """The baseline chunk kernels contain no AVX instruction (ymm registers,
+    VEX encodings), so a CPU without AVX2 cannot hit an illegal instruction."""
+    import re
+    import shutil
+    import subprocess
+
+    from kdfused import _C
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    asm = subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", "-C", _C.__file__],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    functions = re.split(r"\n(?=[0-9a-f]+ <)", asm)
+    baseline = [f for f in functions if re.match(r"[0-9a-f]+ <[^>]*baseline_(stats|jsd|grad)", f)]
+    avx2 = [f for f in functions if re.match(r"[0-9a-f]+ <[^>]*avx2_(stats|jsd|grad)", f)]
+    assert len(baseline) >= 15, "baseline chunk kernels not found in the library"
+    for body in baseline:
+        assert not re.search(r"%ymm|\bv(fmadd|mulps|addps|blendv)", body), body.split("\n")[0]
+    if avx2:  # and the AVX2 ones really are vectorised with AVX
+        assert any("%ymm" in body for body in avx2)

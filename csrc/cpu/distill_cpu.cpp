@@ -7,27 +7,248 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "../distill_op.h"
 
 namespace kdfused {
 namespace {
 
-// Elements per chunk of pass 1: the chunk's max is taken first, so the running
-// sums are rescaled once per chunk instead of at every new maximum.
+// Elements per chunk: the chunk's maxima are taken first, so the running sums
+// are rescaled once per chunk instead of at every new maximum.
 constexpr int64_t kChunk = 512;
-// Each chunk is summed in kLanes interleaved partial sums, combined as a tree,
-// then added to the row total: float32 sums over V = 128k terms then stay as
-// accurate as PyTorch's own (cascade) summation, and the loop is SIMD-shaped.
+// Each chunk is summed in kLanes interleaved partial sums (SIMD lanes: the
+// loops over l below are what the compiler vectorises), combined as a tree,
+// then added to the row total: float32 sums over V = 128k terms stay as
+// accurate as PyTorch's own (cascade) summation.
 constexpr int kLanes = 8;
 
-// Pairwise tree over the lanes with the given merge.
-template <typename Acc, typename Merge>
-Acc tree_sum(Acc* lanes, Merge merge) {
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int l = 0; l < width; ++l) lanes[l] = merge(lanes[l], lanes[l + width]);
+// The hot loops are instantiated per instruction set (see row_range), so they
+// must be inlined into their caller, whose target they then take.
+#define KDFUSED_INLINE inline __attribute__((always_inline))
+
+KDFUSED_INLINE float lane_sum(const float* x) {
+  float a[kLanes / 2];
+  for (int l = 0; l < kLanes / 2; ++l) a[l] = x[l] + x[l + kLanes / 2];
+  return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+// Maxima of s and t over a chunk (NaN skipped, like max_keep).
+KDFUSED_INLINE void chunk_max(const float* s, const float* t, int64_t len, float& cms, float& cmt) {
+  float ms[kLanes], mt[kLanes];
+  for (int l = 0; l < kLanes; ++l) ms[l] = mt[l] = neg_inf();
+  int64_t k = 0;
+  for (; k + kLanes <= len; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      ms[l] = max_keep(ms[l], s[k + l]);
+      mt[l] = max_keep(mt[l], t[k + l]);
+    }
   }
-  return lanes[0];
+  for (int l = 0; k + l < len; ++l) {
+    ms[l] = max_keep(ms[l], s[k + l]);
+    mt[l] = max_keep(mt[l], t[k + l]);
+  }
+  cms = cmt = neg_inf();
+  for (int l = 0; l < kLanes; ++l) {
+    cms = max_keep(cms, ms[l]);
+    cmt = max_keep(cmt, mt[l]);
+  }
+}
+
+// Pass 1 for one chunk: raise the anchors, then add every element.
+template <bool kZ1>
+KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, int64_t len,
+                                float inv_t) {
+  float cms, cmt;
+  chunk_max(s, t, len, cms, cmt);
+  float t_at = neg_inf();
+  if (cms > st.ms) {  // a new row maximum: the teacher logit at its first position
+    for (int64_t k = 0; k < len; ++k) {
+      if (s[k] == cms) {
+        t_at = t[k];
+        break;
+      }
+    }
+  }
+  stats_raise(st, cms, cmt, t_at, inv_t);
+  const float ms = st.ms, mt = st.mt, ref = st.ref;
+  float zs[kLanes] = {}, zt[kLanes] = {}, z1[kLanes] = {}, ws[kLanes] = {}, wt[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= len; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      accumulate_terms(s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l], zt[l], z1[l], ws[l],
+                       wt[l]);
+    }
+  }
+  for (int l = 0; k + l < len; ++l) {
+    accumulate_terms(s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l], zt[l], z1[l], ws[l],
+                     wt[l]);
+  }
+  // Same anchors everywhere: merging the lanes into the row is plain addition.
+  st.zs += lane_sum(zs);
+  st.zt += lane_sum(zt);
+  st.z1 += lane_sum(z1);
+  st.ws += lane_sum(ws);
+  st.wt += lane_sum(wt);
+}
+
+KDFUSED_INLINE void jsd_chunk(JsdSums& acc, const float* s, const float* t, int64_t len,
+                              const RowConsts& c, const LossParams& p) {
+  float tm[kLanes] = {}, sm[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= len; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      JsdSums one{tm[l], sm[l]};
+      jsd_accumulate(one, s[k + l], t[k + l], c, p);
+      tm[l] = one.kl_tm;
+      sm[l] = one.kl_sm;
+    }
+  }
+  for (int l = 0; k + l < len; ++l) {
+    JsdSums one{tm[l], sm[l]};
+    jsd_accumulate(one, s[k + l], t[k + l], c, p);
+    tm[l] = one.kl_tm;
+    sm[l] = one.kl_sm;
+  }
+  acc = jsd_merge(acc, JsdSums{lane_sum(tm), lane_sum(sm)});
+}
+
+// The gradient of one chunk, before the label's own element is fixed up.
+template <Divergence D, bool kHard, bool kSoft>
+KDFUSED_INLINE void grad_chunk(float* g, const float* s, const float* t, int64_t len,
+                               const RowConsts& c, const LossParams& p, float scale) {
+  for (int64_t k = 0; k < len; ++k) {
+    g[k] = scale * grad_element_as<D, kHard, kSoft>(s[k], t[k], false, c, p);
+  }
+}
+
+// The chunk kernels of one instruction set, as a table: the row loop below
+// picks one table at run time. Each entry is compiled once per instruction
+// set (the KDFUSED_INLINE bodies take the entry's target), and none depends
+// on the logits' dtype: chunks are converted to float first.
+using StatsFn = void (*)(RowStats&, const float*, const float*, int64_t, float);
+using JsdFn = void (*)(JsdSums&, const float*, const float*, int64_t, const RowConsts&,
+                       const LossParams&);
+using GradFn = void (*)(float*, const float*, const float*, int64_t, const RowConsts&,
+                        const LossParams&, float);
+
+struct ChunkKernels {
+  StatsFn stats[2];  // [with z1]
+  JsdFn jsd;
+  GradFn grad[3][4];  // [divergence][2 * hard + soft]
+};
+
+#define KDFUSED_CHUNK_KERNELS(NAME, ...)                                                         \
+  template <bool kZ1>                                                                            \
+  __VA_ARGS__ void NAME##_stats(RowStats& st, const float* s, const float* t, int64_t len,       \
+                                float inv_t) {                                                   \
+    stats_chunk<kZ1>(st, s, t, len, inv_t);                                                      \
+  }                                                                                              \
+  __VA_ARGS__ void NAME##_jsd(JsdSums& acc, const float* s, const float* t, int64_t len,         \
+                              const RowConsts& c, const LossParams& p) {                         \
+    jsd_chunk(acc, s, t, len, c, p);                                                             \
+  }                                                                                              \
+  template <Divergence D, bool kHard, bool kSoft>                                                \
+  __VA_ARGS__ void NAME##_grad(float* g, const float* s, const float* t, int64_t len,            \
+                               const RowConsts& c, const LossParams& p, float scale) {           \
+    grad_chunk<D, kHard, kSoft>(g, s, t, len, c, p, scale);                                      \
+  }                                                                                              \
+  template <Divergence D>                                                                        \
+  constexpr GradFn NAME##_grads[4] = {NAME##_grad<D, false, false>, NAME##_grad<D, false, true>, \
+                                      NAME##_grad<D, true, false>, NAME##_grad<D, true, true>};  \
+  const ChunkKernels NAME##_kernels = {                                                          \
+      {NAME##_stats<false>, NAME##_stats<true>},                                                 \
+      NAME##_jsd,                                                                                \
+      {{NAME##_grads<Divergence::kForwardKL>[0], NAME##_grads<Divergence::kForwardKL>[1],        \
+        NAME##_grads<Divergence::kForwardKL>[2], NAME##_grads<Divergence::kForwardKL>[3]},       \
+       {NAME##_grads<Divergence::kReverseKL>[0], NAME##_grads<Divergence::kReverseKL>[1],        \
+        NAME##_grads<Divergence::kReverseKL>[2], NAME##_grads<Divergence::kReverseKL>[3]},       \
+       {NAME##_grads<Divergence::kJSD>[0], NAME##_grads<Divergence::kJSD>[1],                    \
+        NAME##_grads<Divergence::kJSD>[2], NAME##_grads<Divergence::kJSD>[3]}}};
+
+// Baseline x86-64 (SSE2), for every CPU; AVX2 + FMA where the CPU has them.
+KDFUSED_CHUNK_KERNELS(baseline)
+#if defined(__x86_64__)
+KDFUSED_CHUNK_KERNELS(avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+template <typename T>
+void load_chunk(const T* x, int64_t len, float* out) {
+  for (int64_t k = 0; k < len; ++k) out[k] = static_cast<float>(x[k]);
+}
+
+// One problem's arguments to the row loop.
+template <typename S, typename Tt>
+struct RowsArgs {
+  const S* s;
+  const Tt* t;
+  int64_t s_stride, t_stride, v;
+  const int64_t* y;
+  LossParams p;
+  float grad_scale;
+  float* hard;
+  float* soft;
+  S* grad;
+};
+
+// The rows [begin, end), fully: pass 1, JSD's pass, the losses and the gradient.
+template <typename S, typename Tt>
+void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t begin, int64_t end) {
+  const LossParams& p = a.p;
+  const int64_t v = a.v;
+  const StatsFn stats = kernels.stats[p.has_labels ? 1 : 0];
+  const bool hard_w = p.has_labels && p.alpha != 0.f;
+  const bool soft_w = p.soft_coef != 0.f;
+  const GradFn grad = kernels.grad[static_cast<int>(p.div)][2 * hard_w + soft_w];
+  alignas(64) float sbuf[kChunk];
+  alignas(64) float tbuf[kChunk];
+  alignas(64) float gbuf[kChunk];
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t label = a.y ? a.y[i] : -1;
+    S* g = a.grad ? a.grad + i * v : nullptr;
+    if (a.y && label == p.ignore_index) {
+      a.hard[i] = 0.f;
+      a.soft[i] = 0.f;
+      if (g) std::fill(g, g + v, S(0));
+      continue;
+    }
+    const S* s = a.s + i * a.s_stride;
+    const Tt* t = a.t + i * a.t_stride;
+
+    RowStats st = stats_empty();
+    for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
+      const int64_t len = std::min(kChunk, v - j0);
+      load_chunk(s + j0, len, sbuf);
+      load_chunk(t + j0, len, tbuf);
+      stats(st, sbuf, tbuf, len, p.inv_t);
+    }
+    RowConsts c = row_consts(st, p);
+    if (p.div == Divergence::kJSD) {
+      JsdSums acc{0.f, 0.f};
+      for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
+        const int64_t len = std::min(kChunk, v - j0);
+        load_chunk(s + j0, len, sbuf);
+        load_chunk(t + j0, len, tbuf);
+        kernels.jsd(acc, sbuf, tbuf, len, c, p);
+      }
+      jsd_finish(c, acc, p);
+    }
+    a.hard[i] = a.y ? hard_loss(static_cast<float>(s[label]), c) : 0.f;
+    a.soft[i] = p.soft_scale * c.div;
+    if (!g) continue;
+    for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
+      const int64_t len = std::min(kChunk, v - j0);
+      load_chunk(s + j0, len, sbuf);
+      load_chunk(t + j0, len, tbuf);
+      grad(gbuf, sbuf, tbuf, len, c, p, a.grad_scale);
+      if (label >= j0 && label < j0 + len) {  // the label's own element
+        const int64_t k = label - j0;
+        gbuf[k] = a.grad_scale * grad_element(sbuf[k], tbuf[k], true, c, p);
+      }
+      for (int64_t k = 0; k < len; ++k) g[j0 + k] = static_cast<S>(gbuf[k]);
+    }
+  }
 }
 
 void check_label_range(const int64_t* y, int64_t n, int64_t v, int64_t ignore_index) {
@@ -38,79 +259,18 @@ void check_label_range(const int64_t* y, int64_t n, int64_t v, int64_t ignore_in
   }
 }
 
-template <typename student_t, typename teacher_t>
-void distill_rows(const DistillProblem& prob, float grad_scale, float* hard, float* soft,
-                  student_t* grad) {
-  const LossParams p = prob.params;
-  const int64_t v = prob.v;
-  const student_t* s_base = prob.student.const_data_ptr<student_t>();
-  const teacher_t* t_base = prob.teacher.const_data_ptr<teacher_t>();
-  const int64_t s_stride = prob.student.stride(0);
-  const int64_t t_stride = prob.teacher.stride(0);
-  const int64_t* y = prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr;
-  // Enough rows per task to amortise the scheduling for small V.
-  const int64_t grain = std::max<int64_t>(1, 16384 / v);
-
-  const auto merge_stats = [&p](RowStats a, RowStats b) { return stats_merge(a, b, p.inv_t); };
-
-  at::parallel_for(0, prob.n, grain, [&](int64_t begin, int64_t end) {
-    float sbuf[kChunk];
-    float tbuf[kChunk];
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t label = y ? y[i] : -1;
-      student_t* g = grad ? grad + i * v : nullptr;
-      if (y && label == p.ignore_index) {
-        hard[i] = 0.f;
-        soft[i] = 0.f;
-        if (g) std::fill(g, g + v, student_t(0));
-        continue;
-      }
-      const student_t* s = s_base + i * s_stride;
-      const teacher_t* t = t_base + i * t_stride;
-
-      RowStats st = stats_empty();
-      for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
-        const int64_t len = std::min(kChunk, v - j0);
-        for (int64_t k = 0; k < len; ++k) {
-          sbuf[k] = static_cast<float>(s[j0 + k]);
-          tbuf[k] = static_cast<float>(t[j0 + k]);
-        }
-        stats_raise(st, sbuf, tbuf, len, p.inv_t);
-        RowStats lanes[kLanes];
-        for (int l = 0; l < kLanes; ++l) lanes[l] = stats_anchored(st);
-        for (int64_t k = 0; k < len; ++k) {
-          stats_accumulate(lanes[k % kLanes], sbuf[k], tbuf[k], p.inv_t, p.has_labels);
-        }
-        st = merge_stats(st, tree_sum(lanes, merge_stats));
-      }
-      RowConsts c = row_consts(st, p);
-      if (p.div == Divergence::kJSD) {
-        JsdSums acc{0.f, 0.f};
-        for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
-          const int64_t len = std::min(kChunk, v - j0);
-          JsdSums lanes[kLanes] = {};
-          for (int64_t k = 0; k < len; ++k) {
-            jsd_accumulate(lanes[k % kLanes], static_cast<float>(s[j0 + k]),
-                           static_cast<float>(t[j0 + k]), c, p);
-          }
-          acc = jsd_merge(acc, tree_sum(lanes, jsd_merge));
-        }
-        jsd_finish(c, acc, p);
-      }
-      hard[i] = y ? hard_loss(static_cast<float>(s[label]), c) : 0.f;
-      soft[i] = p.soft_scale * c.div;
-      if (g) {
-        for (int64_t j = 0; j < v; ++j) {
-          const float gj =
-              grad_element(static_cast<float>(s[j]), static_cast<float>(t[j]), j == label, c, p);
-          g[j] = static_cast<student_t>(grad_scale * gj);
-        }
-      }
-    }
-  });
-}
-
 }  // namespace
+
+std::string cpu_capability() {
+  const char* forced = std::getenv("KDFUSED_CPU_CAPABILITY");
+  if (forced && std::string(forced) == "default") return "default";
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? "avx2" : "default";
+#else
+  return "default";
+#endif
+}
 
 DistillResult distill_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                   const std::optional<at::Tensor>& labels,
@@ -126,14 +286,32 @@ DistillResult distill_forward_cpu(const at::Tensor& student, const at::Tensor& t
   }
   auto [hard, soft, grad] = allocate_outputs(prob, compute_grad);
   const float scale = grad_scale ? grad_scale->item<float>() : 1.f;
+  const bool avx2 = cpu_capability() == "avx2";
 
   KDFUSED_DISPATCH_LOGITS(prob.student.scalar_type(), "kdfused_distill_cpu", [&] {
-    using student_t = scalar_t;
+    using S = scalar_t;
     KDFUSED_DISPATCH_LOGITS(prob.teacher.scalar_type(), "kdfused_distill_cpu", [&] {
-      using teacher_t = scalar_t;
-      distill_rows<student_t, teacher_t>(prob, scale, hard.data_ptr<float>(),
-                                         soft.data_ptr<float>(),
-                                         compute_grad ? grad.data_ptr<student_t>() : nullptr);
+      using Tt = scalar_t;
+      const RowsArgs<S, Tt> args{prob.student.const_data_ptr<S>(),
+                                 prob.teacher.const_data_ptr<Tt>(),
+                                 prob.student.stride(0),
+                                 prob.teacher.stride(0),
+                                 prob.v,
+                                 prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr,
+                                 prob.params,
+                                 scale,
+                                 hard.data_ptr<float>(),
+                                 soft.data_ptr<float>(),
+                                 compute_grad ? grad.data_ptr<S>() : nullptr};
+#if defined(__x86_64__)
+      const ChunkKernels& kernels = avx2 ? avx2_kernels : baseline_kernels;
+#else
+      const ChunkKernels& kernels = baseline_kernels;
+#endif
+      // Enough rows per task to amortise the scheduling for small V.
+      const int64_t grain = std::max<int64_t>(1, 16384 / prob.v);
+      at::parallel_for(0, prob.n, grain,
+                       [&](int64_t begin, int64_t end) { row_range(args, kernels, begin, end); });
     });
   });
   return {hard, soft, grad};
