@@ -109,6 +109,7 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
   p.div = parse_divergence(divergence);
   p.ignore_index = ignore_index;
   p.has_labels = labels.has_value();
+  p.t_is_2 = temperature == 2.0;
   return prob;
 }
 

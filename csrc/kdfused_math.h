@@ -32,7 +32,16 @@ struct LossParams {
   Divergence div;
   int64_t ignore_index;
   bool has_labels;
+  bool t_is_2;  // T == 2 exactly (the common default): exp(x) = exp(x / T)^2
 };
+
+// How pass 1 forms the T = 1 sum z1 of the hard term: not at all (no labels),
+// with its own exp, or, for T = 2, as the square of the exp it already has.
+enum class Z1 : int32_t { kNone = 0, kExp = 1, kSquare = 2 };
+
+C10_HOST_DEVICE inline Z1 z1_mode(const LossParams& p) {
+  return !p.has_labels ? Z1::kNone : (p.t_is_2 ? Z1::kSquare : Z1::kExp);
+}
 
 C10_HOST_DEVICE inline float neg_inf() { return -INFINITY; }
 
@@ -233,7 +242,7 @@ C10_HOST_DEVICE inline void stats_raise(RowStats& st, const float* s, const floa
 // anchors ms, mt, ref (fields passed one by one, so that a CPU kernel can keep
 // its partial sums in SIMD lanes).
 C10_HOST_DEVICE inline void accumulate_terms(float s, float t, float ms, float mt, float ref,
-                                             float inv_t, bool with_z1, float& zs, float& zt,
+                                             float inv_t, Z1 z1_how, float& zs, float& zt,
                                              float& z1, float& ws, float& wt) {
   const float ds = below(s, ms);
   const float dt = below(t, mt);
@@ -243,13 +252,14 @@ C10_HOST_DEVICE inline void accumulate_terms(float s, float t, float ms, float m
   zt += et;
   ws += weighted(es, (ds - below(t, ref)) * inv_t);
   wt += weighted(et, (dt - ds) * inv_t);
-  if (with_z1) z1 += kd_exp(ds);
+  if (z1_how == Z1::kExp) z1 += kd_exp(ds);
+  if (z1_how == Z1::kSquare) z1 += es * es;
 }
 
 // Adds one element (s <= st.ms and t <= st.mt, or NaN).
 C10_HOST_DEVICE inline void stats_accumulate(RowStats& st, float s, float t, float inv_t,
-                                             bool with_z1) {
-  accumulate_terms(s, t, st.ms, st.mt, st.ref, inv_t, with_z1, st.zs, st.zt, st.z1, st.ws, st.wt);
+                                             Z1 z1_how) {
+  accumulate_terms(s, t, st.ms, st.mt, st.ref, inv_t, z1_how, st.zs, st.zt, st.z1, st.ws, st.wt);
 }
 
 // Merges two partial states of the same row (order-independent up to rounding).
@@ -274,6 +284,7 @@ struct RowConsts {
   float mean_rs;         // E_ps[r_s] = ws / zs (reverse-KL gradient)
   float div;             // D_i: known after pass 1 for the KLs, after jsd_finish for JSD
   float kl_sm;           // JSD only: KL(p_s || m)
+  float q_per_ps2;       // T = 2: softmax(s) = p_s^2 zs^2 / z1
 };
 
 C10_HOST_DEVICE inline RowConsts row_consts(const RowStats& st, const LossParams& p) {
@@ -286,6 +297,7 @@ C10_HOST_DEVICE inline RowConsts row_consts(const RowStats& st, const LossParams
   c.log_z1 = ::logf(st.z1);
   c.mean_rs = st.ws / st.zs;
   c.kl_sm = 0.f;
+  c.q_per_ps2 = (st.zs / st.z1) * st.zs;
   const float lz = c.log_zs - c.log_zt;
   if (p.div == Divergence::kForwardKL) {
     c.div = st.wt / st.zt + lz;
@@ -349,17 +361,19 @@ C10_HOST_DEVICE inline float hard_loss(float s_label, const RowConsts& c) {
 // for a divergence D known at compile time (kHard: the hard term has a weight,
 // kSoft: the soft term has one). A term whose weight is 0 is skipped, so it
 // cannot turn a finite gradient NaN.
-template <Divergence D, bool kHard, bool kSoft>
+template <Divergence D, bool kHard, bool kSoft, bool kT2 = false>
 C10_HOST_DEVICE inline float grad_element_as(float s, float t, bool is_label, const RowConsts& c,
                                              const LossParams& p) {
+  const float lps = log_ps(s, c, p);
+  const float ps = kSoft ? kd_exp(lps) : 0.f;
   float g = 0.f;
   if (kHard) {
-    const float q = kd_exp((s - c.ms) - c.log_z1);  // softmax(s), exp(-inf) = 0
+    // softmax(s); for T = 2 from p_s (one exp fewer), p_s * (p_s * zs^2 / z1)
+    // in that order so that it underflows no sooner than exp would.
+    const float q = kT2 && kSoft ? ps * (ps * c.q_per_ps2) : kd_exp((s - c.ms) - c.log_z1);
     g = p.alpha * (q - (is_label ? 1.f : 0.f));
   }
   if (kSoft) {
-    const float lps = log_ps(s, c, p);
-    const float ps = kd_exp(lps);
     float dd;
     if (D == Divergence::kForwardKL) {
       dd = ps - kd_exp(log_pt(t, c, p));
@@ -392,6 +406,7 @@ C10_HOST_DEVICE inline float grad_element(float s, float t, bool is_label, const
   const bool soft = p.soft_coef != 0.f;
   return with_divergence(p.div, [&](auto d) {
     constexpr Divergence D = decltype(d)::value;
+    if (hard && soft && p.t_is_2) return grad_element_as<D, true, true, true>(s, t, is_label, c, p);
     if (hard && soft) return grad_element_as<D, true, true>(s, t, is_label, c, p);
     if (hard) return grad_element_as<D, true, false>(s, t, is_label, c, p);
     if (soft) return grad_element_as<D, false, true>(s, t, is_label, c, p);

@@ -167,10 +167,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     return stats_merge(a, b, p.inv_t);
   };
   RowStats st = stats_empty();
+  const Z1 z1_how = z1_mode(p);
   row.for_each([&](int64_t, const float* s, const float* t, auto n) {
     stats_raise(st, s, t, n, p.inv_t);
 #pragma unroll
-    for (int k = 0; k < n; ++k) stats_accumulate(st, s[k], t[k], p.inv_t, p.has_labels);
+    for (int k = 0; k < n; ++k) stats_accumulate(st, s[k], t[k], p.inv_t, z1_how);
   });
   st = block_reduce(st, merge_stats, stats_empty(), stats_smem);
   if (threadIdx.x == 0) consts_smem = row_consts(st, p);
