@@ -330,15 +330,37 @@ struct JsdSums {
   float kl_sm;
 };
 
+// What one element contributes to JSD: both probabilities, both log-probs
+// and log m.
+struct JsdElement {
+  float ps, pt, lps, lpt, lm;
+};
+
+C10_HOST_DEVICE inline JsdElement jsd_element(float s, float t, const RowConsts& c,
+                                              const LossParams& p) {
+  JsdElement e;
+  e.lps = log_ps(s, c, p);
+  e.lpt = log_pt(t, c, p);
+  e.ps = kd_exp(e.lps);
+  e.pt = kd_exp(e.lpt);
+  e.lm = log_mix(e.pt, e.ps, p);
+  return e;
+}
+
+C10_HOST_DEVICE inline void jsd_accumulate(JsdSums& acc, const JsdElement& e) {
+  acc.kl_tm += prob_weighted(e.pt, e.lpt - e.lm);
+  acc.kl_sm += prob_weighted(e.ps, e.lps - e.lm);
+}
+
 C10_HOST_DEVICE inline void jsd_accumulate(JsdSums& acc, float s, float t, const RowConsts& c,
                                            const LossParams& p) {
-  const float lps = log_ps(s, c, p);
-  const float lpt = log_pt(t, c, p);
-  const float ps = kd_exp(lps);
-  const float pt = kd_exp(lpt);
-  const float lm = log_mix(pt, ps, p);
-  acc.kl_tm += prob_weighted(pt, lpt - lm);
-  acc.kl_sm += prob_weighted(ps, lps - lm);
+  jsd_accumulate(acc, jsd_element(s, t, c, p));
+}
+
+// dJSD/ds * T for one element, from p_s and log p_s - log m (JSD pass done).
+C10_HOST_DEVICE inline float jsd_grad(float ps, float lps_minus_lm, const RowConsts& c,
+                                      const LossParams& p) {
+  return (1.f - p.beta) * prob_weighted(ps, lps_minus_lm - c.kl_sm);
 }
 
 C10_HOST_DEVICE inline JsdSums jsd_merge(JsdSums a, JsdSums b) {
@@ -356,6 +378,17 @@ C10_HOST_DEVICE inline float hard_loss(float s_label, const RowConsts& c) {
   return (c.ms - s_label) + c.log_z1;
 }
 
+// T = 2: softmax(s) = p_s^2 zs^2 / z1 (one exp fewer), as p_s * (p_s * zs^2 / z1)
+// so that it underflows no sooner than exp would.
+C10_HOST_DEVICE inline float softmax_from_ps(float ps, const RowConsts& c) {
+  return ps * (ps * c.q_per_ps2);
+}
+
+// The hard term's part of the gradient, from q = softmax(s).
+C10_HOST_DEVICE inline float hard_grad(float q, bool is_label, const LossParams& p) {
+  return p.alpha * (q - (is_label ? 1.f : 0.f));
+}
+
 // d loss_i / d s_iv for one element (before the reduction's row weight):
 //   alpha * (q - onehot(y)) + (1 - alpha) * soft_scale * dD/ds,
 // for a divergence D known at compile time (kHard: the hard term has a weight,
@@ -368,10 +401,8 @@ C10_HOST_DEVICE inline float grad_element_as(float s, float t, bool is_label, co
   const float ps = kSoft ? kd_exp(lps) : 0.f;
   float g = 0.f;
   if (kHard) {
-    // softmax(s); for T = 2 from p_s (one exp fewer), p_s * (p_s * zs^2 / z1)
-    // in that order so that it underflows no sooner than exp would.
-    const float q = kT2 && kSoft ? ps * (ps * c.q_per_ps2) : kd_exp((s - c.ms) - c.log_z1);
-    g = p.alpha * (q - (is_label ? 1.f : 0.f));
+    const float q = kT2 && kSoft ? softmax_from_ps(ps, c) : kd_exp((s - c.ms) - c.log_z1);
+    g = hard_grad(q, is_label, p);
   }
   if (kSoft) {
     float dd;
@@ -381,8 +412,7 @@ C10_HOST_DEVICE inline float grad_element_as(float s, float t, bool is_label, co
       // log p_s - log p_t - KL(p_s || p_t) = r_s - E_ps[r_s]
       dd = weighted(ps, (below(s, c.ms) - below(t, c.ref)) * p.inv_t - c.mean_rs);
     } else {
-      const float lm = log_mix(kd_exp(log_pt(t, c, p)), ps, p);
-      dd = (1.f - p.beta) * prob_weighted(ps, lps - lm - c.kl_sm);
+      dd = jsd_grad(ps, lps - log_mix(kd_exp(log_pt(t, c, p)), ps, p), c, p);
     }
     g += p.soft_coef * p.inv_t * dd;
   }

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -98,25 +99,47 @@ KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, in
   st.wt += lane_sum(wt);
 }
 
+// JSD's pass for one chunk; also keeps p_s and log p_s - log m of each element
+// (ps, d), from which the gradient pass then needs no exp or log.
+KDFUSED_INLINE void jsd_lane(float s, float t, const RowConsts& c, const LossParams& p, float& tm,
+                             float& sm, float& ps, float& d) {
+  const JsdElement e = jsd_element(s, t, c, p);
+  JsdSums one{tm, sm};
+  jsd_accumulate(one, e);
+  tm = one.kl_tm;
+  sm = one.kl_sm;
+  ps = e.ps;
+  d = e.lps - e.lm;
+}
+
 KDFUSED_INLINE void jsd_chunk(JsdSums& acc, const float* s, const float* t, int64_t len,
-                              const RowConsts& c, const LossParams& p) {
+                              const RowConsts& c, const LossParams& p, float* ps, float* d) {
   float tm[kLanes] = {}, sm[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= len; k += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      JsdSums one{tm[l], sm[l]};
-      jsd_accumulate(one, s[k + l], t[k + l], c, p);
-      tm[l] = one.kl_tm;
-      sm[l] = one.kl_sm;
+      jsd_lane(s[k + l], t[k + l], c, p, tm[l], sm[l], ps[k + l], d[k + l]);
     }
   }
   for (int l = 0; k + l < len; ++l) {
-    JsdSums one{tm[l], sm[l]};
-    jsd_accumulate(one, s[k + l], t[k + l], c, p);
-    tm[l] = one.kl_tm;
-    sm[l] = one.kl_sm;
+    jsd_lane(s[k + l], t[k + l], c, p, tm[l], sm[l], ps[k + l], d[k + l]);
   }
   acc = jsd_merge(acc, JsdSums{lane_sum(tm), lane_sum(sm)});
+}
+
+// JSD's gradient of one chunk from what jsd_chunk kept (label fixed up later).
+template <bool kHard, bool kT2>
+KDFUSED_INLINE void jsd_grad_chunk(float* g, const float* s, const float* ps, const float* d,
+                                   int64_t len, const RowConsts& c, const LossParams& p,
+                                   float scale) {
+  for (int64_t k = 0; k < len; ++k) {
+    float gk = p.soft_coef * p.inv_t * jsd_grad(ps[k], d[k], c, p);
+    if (kHard) {
+      const float q = kT2 ? softmax_from_ps(ps[k], c) : kd_exp((s[k] - c.ms) - c.log_z1);
+      gk += hard_grad(q, false, p);
+    }
+    g[k] = scale * gk;
+  }
 }
 
 // The gradient of one chunk, before the label's own element is fixed up.
@@ -134,7 +157,9 @@ KDFUSED_INLINE void grad_chunk(float* g, const float* s, const float* t, int64_t
 // on the logits' dtype: chunks are converted to float first.
 using StatsFn = void (*)(RowStats&, const float*, const float*, int64_t, float);
 using JsdFn = void (*)(JsdSums&, const float*, const float*, int64_t, const RowConsts&,
-                       const LossParams&);
+                       const LossParams&, float*, float*);
+using JsdGradFn = void (*)(float*, const float*, const float*, const float*, int64_t,
+                           const RowConsts&, const LossParams&, float);
 using GradFn = void (*)(float*, const float*, const float*, int64_t, const RowConsts&,
                         const LossParams&, float);
 
@@ -150,7 +175,8 @@ inline int grad_variant(const LossParams& p) {
 struct ChunkKernels {
   StatsFn stats[3];  // [Z1 mode]
   JsdFn jsd;
-  GradFn grad[3][5];  // [divergence][grad_variant]
+  GradFn grad[3][5];      // [divergence][grad_variant]
+  JsdGradFn jsd_grad[3];  // JSD with a soft weight, from the kept values: [soft, +hard, +T2]
 };
 
 #define KDFUSED_GRADS(NAME, D)                                              \
@@ -165,8 +191,14 @@ struct ChunkKernels {
     stats_chunk<kZ1>(st, s, t, len, inv_t);                                                      \
   }                                                                                              \
   __VA_ARGS__ void NAME##_jsd(JsdSums& acc, const float* s, const float* t, int64_t len,         \
-                              const RowConsts& c, const LossParams& p) {                         \
-    jsd_chunk(acc, s, t, len, c, p);                                                             \
+                              const RowConsts& c, const LossParams& p, float* ps, float* d) {    \
+    jsd_chunk(acc, s, t, len, c, p, ps, d);                                                      \
+  }                                                                                              \
+  template <bool kHard, bool kT2>                                                                \
+  __VA_ARGS__ void NAME##_jsd_grad(float* g, const float* s, const float* ps, const float* d,    \
+                                   int64_t len, const RowConsts& c, const LossParams& p,         \
+                                   float scale) {                                                \
+    jsd_grad_chunk<kHard, kT2>(g, s, ps, d, len, c, p, scale);                                   \
   }                                                                                              \
   template <Divergence D, bool kHard, bool kSoft, bool kT2>                                      \
   __VA_ARGS__ void NAME##_grad(float* g, const float* s, const float* t, int64_t len,            \
@@ -177,7 +209,8 @@ struct ChunkKernels {
       {NAME##_stats<Z1::kNone>, NAME##_stats<Z1::kExp>, NAME##_stats<Z1::kSquare>},              \
       NAME##_jsd,                                                                                \
       {KDFUSED_GRADS(NAME, Divergence::kForwardKL), KDFUSED_GRADS(NAME, Divergence::kReverseKL), \
-       KDFUSED_GRADS(NAME, Divergence::kJSD)}};
+       KDFUSED_GRADS(NAME, Divergence::kJSD)},                                                   \
+      {NAME##_jsd_grad<false, false>, NAME##_jsd_grad<true, false>, NAME##_jsd_grad<true, true>}};
 
 // Baseline x86-64 (SSE2), for every CPU; AVX2 + FMA where the CPU has them.
 KDFUSED_CHUNK_KERNELS(baseline)
@@ -214,6 +247,14 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
   alignas(64) float sbuf[kChunk];
   alignas(64) float tbuf[kChunk];
   alignas(64) float gbuf[kChunk];
+  // JSD with a soft weight keeps p_s and log p_s - log m of the row for its
+  // gradient pass (which then needs no exp or log of its own).
+  const bool jsd_keep = p.div == Divergence::kJSD && p.soft_coef != 0.f && a.grad;
+  const int jsd_variant = grad_variant(p) == kHardSoftT2 ? 2 : (p.has_labels && p.alpha != 0.f);
+  std::vector<float> kept(jsd_keep ? 2 * v : 0);
+  float* kept_ps = kept.data();
+  float* kept_d = jsd_keep ? kept.data() + v : nullptr;
+  std::vector<float> scratch(p.div == Divergence::kJSD && !jsd_keep ? 2 * kChunk : 0);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t label = a.y ? a.y[i] : -1;
     S* g = a.grad ? a.grad + i * v : nullptr;
@@ -240,7 +281,9 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
         const int64_t len = std::min(kChunk, v - j0);
         load_chunk(s + j0, len, sbuf);
         load_chunk(t + j0, len, tbuf);
-        kernels.jsd(acc, sbuf, tbuf, len, c, p);
+        float* ps = jsd_keep ? kept_ps + j0 : scratch.data();
+        float* d = jsd_keep ? kept_d + j0 : scratch.data() + kChunk;
+        kernels.jsd(acc, sbuf, tbuf, len, c, p, ps, d);
       }
       jsd_finish(c, acc, p);
     }
@@ -250,11 +293,16 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
     for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
       const int64_t len = std::min(kChunk, v - j0);
       load_chunk(s + j0, len, sbuf);
-      load_chunk(t + j0, len, tbuf);
-      grad(gbuf, sbuf, tbuf, len, c, p, a.grad_scale);
+      if (jsd_keep) {
+        kernels.jsd_grad[jsd_variant](gbuf, sbuf, kept_ps + j0, kept_d + j0, len, c, p,
+                                      a.grad_scale);
+      } else {
+        load_chunk(t + j0, len, tbuf);
+        grad(gbuf, sbuf, tbuf, len, c, p, a.grad_scale);
+      }
       if (label >= j0 && label < j0 + len) {  // the label's own element
         const int64_t k = label - j0;
-        gbuf[k] = a.grad_scale * grad_element(sbuf[k], tbuf[k], true, c, p);
+        gbuf[k] = a.grad_scale * grad_element(sbuf[k], static_cast<float>(t[label]), true, c, p);
       }
       for (int64_t k = 0; k < len; ++k) g[j0 + k] = static_cast<S>(gbuf[k]);
     }
