@@ -240,10 +240,15 @@ C10_HOST_DEVICE inline void stats_raise(RowStats& st, const float* s, const floa
 
 // What one element (s <= ms, t <= mt, or NaN) adds to the sums of a state with
 // anchors ms, mt, ref (fields passed one by one, so that a CPU kernel can keep
-// its partial sums in SIMD lanes).
-C10_HOST_DEVICE inline void accumulate_terms(float s, float t, float ms, float mt, float ref,
-                                             float inv_t, Z1 z1_how, float& zs, float& zt,
-                                             float& z1, float& ws, float& wt) {
+// its partial sums in SIMD lanes). Returns exp((s - ms) / T), exp((t - mt) / T),
+// which a kernel may keep: times a per-anchor factor they are p_s and p_t.
+struct ScaledExps {
+  float es, et;
+};
+
+C10_HOST_DEVICE inline ScaledExps accumulate_terms(float s, float t, float ms, float mt, float ref,
+                                                   float inv_t, Z1 z1_how, float& zs, float& zt,
+                                                   float& z1, float& ws, float& wt) {
   const float ds = below(s, ms);
   const float dt = below(t, mt);
   const float es = kd_exp(ds * inv_t);
@@ -254,6 +259,7 @@ C10_HOST_DEVICE inline void accumulate_terms(float s, float t, float ms, float m
   wt += weighted(et, (dt - ds) * inv_t);
   if (z1_how == Z1::kExp) z1 += kd_exp(ds);
   if (z1_how == Z1::kSquare) z1 += es * es;
+  return ScaledExps{es, et};
 }
 
 // Adds one element (s <= st.ms and t <= st.mt, or NaN).
@@ -336,15 +342,14 @@ struct JsdElement {
   float ps, pt, lps, lpt, lm;
 };
 
+C10_HOST_DEVICE inline JsdElement jsd_element(float s, float t, float ps, float pt,
+                                              const RowConsts& c, const LossParams& p) {
+  return JsdElement{ps, pt, log_ps(s, c, p), log_pt(t, c, p), log_mix(pt, ps, p)};
+}
+
 C10_HOST_DEVICE inline JsdElement jsd_element(float s, float t, const RowConsts& c,
                                               const LossParams& p) {
-  JsdElement e;
-  e.lps = log_ps(s, c, p);
-  e.lpt = log_pt(t, c, p);
-  e.ps = kd_exp(e.lps);
-  e.pt = kd_exp(e.lpt);
-  e.lm = log_mix(e.pt, e.ps, p);
-  return e;
+  return jsd_element(s, t, kd_exp(log_ps(s, c, p)), kd_exp(log_pt(t, c, p)), c, p);
 }
 
 C10_HOST_DEVICE inline void jsd_accumulate(JsdSums& acc, const JsdElement& e) {
@@ -392,13 +397,12 @@ C10_HOST_DEVICE inline float hard_grad(float q, bool is_label, const LossParams&
 // d loss_i / d s_iv for one element (before the reduction's row weight):
 //   alpha * (q - onehot(y)) + (1 - alpha) * soft_scale * dD/ds,
 // for a divergence D known at compile time (kHard: the hard term has a weight,
-// kSoft: the soft term has one). A term whose weight is 0 is skipped, so it
-// cannot turn a finite gradient NaN.
+// kSoft: the soft term has one; kT2: T = 2), given p_s and p_t (p_t unused by
+// reverse KL). A term whose weight is 0 is skipped, so it cannot turn a finite
+// gradient NaN.
 template <Divergence D, bool kHard, bool kSoft, bool kT2 = false>
-C10_HOST_DEVICE inline float grad_element_as(float s, float t, bool is_label, const RowConsts& c,
-                                             const LossParams& p) {
-  const float lps = log_ps(s, c, p);
-  const float ps = kSoft ? kd_exp(lps) : 0.f;
+C10_HOST_DEVICE inline float grad_from_probs(float s, float t, float ps, float pt, bool is_label,
+                                             const RowConsts& c, const LossParams& p) {
   float g = 0.f;
   if (kHard) {
     const float q = kT2 && kSoft ? softmax_from_ps(ps, c) : kd_exp((s - c.ms) - c.log_z1);
@@ -407,16 +411,25 @@ C10_HOST_DEVICE inline float grad_element_as(float s, float t, bool is_label, co
   if (kSoft) {
     float dd;
     if (D == Divergence::kForwardKL) {
-      dd = ps - kd_exp(log_pt(t, c, p));
+      dd = ps - pt;
     } else if (D == Divergence::kReverseKL) {
       // log p_s - log p_t - KL(p_s || p_t) = r_s - E_ps[r_s]
       dd = weighted(ps, (below(s, c.ms) - below(t, c.ref)) * p.inv_t - c.mean_rs);
     } else {
-      dd = jsd_grad(ps, lps - log_mix(kd_exp(log_pt(t, c, p)), ps, p), c, p);
+      dd = jsd_grad(ps, log_ps(s, c, p) - log_mix(pt, ps, p), c, p);
     }
     g += p.soft_coef * p.inv_t * dd;
   }
   return g;
+}
+
+// The same, computing p_s and p_t (what the soft term needs of them) itself.
+template <Divergence D, bool kHard, bool kSoft, bool kT2 = false>
+C10_HOST_DEVICE inline float grad_element_as(float s, float t, bool is_label, const RowConsts& c,
+                                             const LossParams& p) {
+  const float ps = kSoft ? kd_exp(log_ps(s, c, p)) : 0.f;
+  const float pt = kSoft && D != Divergence::kReverseKL ? kd_exp(log_pt(t, c, p)) : 0.f;
+  return grad_from_probs<D, kHard, kSoft, kT2>(s, t, ps, pt, is_label, c, p);
 }
 
 // Calls f(std::integral_constant<Divergence, D>) for the run-time divergence.

@@ -62,10 +62,13 @@ KDFUSED_INLINE void chunk_max(const float* s, const float* t, int64_t len, float
   }
 }
 
-// Pass 1 for one chunk: raise the anchors, then add every element.
+// Pass 1 for one chunk: raise the anchors, then add every element, keeping
+// each element's exp((s - ms) / T), exp((t - mt) / T) in es, et (for this
+// chunk's anchors; the later passes scale them to p_s, p_t instead of taking
+// more exps).
 template <Z1 kZ1>
 KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, int64_t len,
-                                float inv_t) {
+                                float inv_t, float* es, float* et) {
   float cms, cmt;
   chunk_max(s, t, len, cms, cmt);
   float t_at = neg_inf();
@@ -83,13 +86,17 @@ KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, in
   int64_t k = 0;
   for (; k + kLanes <= len; k += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      accumulate_terms(s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l], zt[l], z1[l], ws[l],
-                       wt[l]);
+      const ScaledExps e = accumulate_terms(s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l],
+                                            zt[l], z1[l], ws[l], wt[l]);
+      es[k + l] = e.es;
+      et[k + l] = e.et;
     }
   }
   for (int l = 0; k + l < len; ++l) {
-    accumulate_terms(s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l], zt[l], z1[l], ws[l],
-                     wt[l]);
+    const ScaledExps e = accumulate_terms(s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l], zt[l],
+                                          z1[l], ws[l], wt[l]);
+    es[k + l] = e.es;
+    et[k + l] = e.et;
   }
   // Same anchors everywhere: merging the lanes into the row is plain addition.
   st.zs += lane_sum(zs);
@@ -99,55 +106,60 @@ KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, in
   st.wt += lane_sum(wt);
 }
 
-// JSD's pass for one chunk; also keeps p_s and log p_s - log m of each element
-// (ps, d), from which the gradient pass then needs no exp or log.
-KDFUSED_INLINE void jsd_lane(float s, float t, const RowConsts& c, const LossParams& p, float& tm,
-                             float& sm, float& ps, float& d) {
-  const JsdElement e = jsd_element(s, t, c, p);
+// How a chunk's kept exps become probabilities: p_s = es * fs, p_t = et * ft.
+struct ChunkScale {
+  float fs, ft;
+};
+
+KDFUSED_INLINE void jsd_lane(float s, float t, float ps, float pt, const RowConsts& c,
+                             const LossParams& p, float& tm, float& sm, float& d) {
+  const JsdElement e = jsd_element(s, t, ps, pt, c, p);
   JsdSums one{tm, sm};
   jsd_accumulate(one, e);
   tm = one.kl_tm;
   sm = one.kl_sm;
-  ps = e.ps;
   d = e.lps - e.lm;
 }
 
-KDFUSED_INLINE void jsd_chunk(JsdSums& acc, const float* s, const float* t, int64_t len,
-                              const RowConsts& c, const LossParams& p, float* ps, float* d) {
+// JSD's pass for one chunk. It overwrites et with log p_s - log m, all the
+// gradient pass needs besides p_s (so that pass takes no log either).
+KDFUSED_INLINE void jsd_chunk(JsdSums& acc, const float* s, const float* t, const float* es,
+                              float* et, int64_t len, ChunkScale f, const RowConsts& c,
+                              const LossParams& p) {
   float tm[kLanes] = {}, sm[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= len; k += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      jsd_lane(s[k + l], t[k + l], c, p, tm[l], sm[l], ps[k + l], d[k + l]);
+      const int64_t j = k + l;
+      jsd_lane(s[j], t[j], es[j] * f.fs, et[j] * f.ft, c, p, tm[l], sm[l], et[j]);
     }
   }
   for (int l = 0; k + l < len; ++l) {
-    jsd_lane(s[k + l], t[k + l], c, p, tm[l], sm[l], ps[k + l], d[k + l]);
+    const int64_t j = k + l;
+    jsd_lane(s[j], t[j], es[j] * f.fs, et[j] * f.ft, c, p, tm[l], sm[l], et[j]);
   }
   acc = jsd_merge(acc, JsdSums{lane_sum(tm), lane_sum(sm)});
 }
 
-// JSD's gradient of one chunk from what jsd_chunk kept (label fixed up later).
-template <bool kHard, bool kT2>
-KDFUSED_INLINE void jsd_grad_chunk(float* g, const float* s, const float* ps, const float* d,
-                                   int64_t len, const RowConsts& c, const LossParams& p,
-                                   float scale) {
+// The gradient of one chunk (the label's own element is fixed up later). For
+// JSD with a soft term, et holds log p_s - log m (jsd_chunk).
+template <Divergence D, bool kHard, bool kSoft, bool kT2>
+KDFUSED_INLINE void grad_chunk(float* g, const float* s, const float* t, const float* es,
+                               const float* et, int64_t len, ChunkScale f, const RowConsts& c,
+                               const LossParams& p, float scale) {
   for (int64_t k = 0; k < len; ++k) {
-    float gk = p.soft_coef * p.inv_t * jsd_grad(ps[k], d[k], c, p);
-    if (kHard) {
-      const float q = kT2 ? softmax_from_ps(ps[k], c) : kd_exp((s[k] - c.ms) - c.log_z1);
-      gk += hard_grad(q, false, p);
+    const float ps = es[k] * f.fs;
+    float gk;
+    if (D == Divergence::kJSD && kSoft) {
+      gk = p.soft_coef * p.inv_t * jsd_grad(ps, et[k], c, p);
+      if (kHard) {
+        const float q = kT2 ? softmax_from_ps(ps, c) : kd_exp((s[k] - c.ms) - c.log_z1);
+        gk += hard_grad(q, false, p);
+      }
+    } else {
+      gk = grad_from_probs<D, kHard, kSoft, kT2>(s[k], t[k], ps, et[k] * f.ft, false, c, p);
     }
     g[k] = scale * gk;
-  }
-}
-
-// The gradient of one chunk, before the label's own element is fixed up.
-template <Divergence D, bool kHard, bool kSoft, bool kT2>
-KDFUSED_INLINE void grad_chunk(float* g, const float* s, const float* t, int64_t len,
-                               const RowConsts& c, const LossParams& p, float scale) {
-  for (int64_t k = 0; k < len; ++k) {
-    g[k] = scale * grad_element_as<D, kHard, kSoft, kT2>(s[k], t[k], false, c, p);
   }
 }
 
@@ -155,13 +167,11 @@ KDFUSED_INLINE void grad_chunk(float* g, const float* s, const float* t, int64_t
 // picks one table at run time. Each entry is compiled once per instruction
 // set (the KDFUSED_INLINE bodies take the entry's target), and none depends
 // on the logits' dtype: chunks are converted to float first.
-using StatsFn = void (*)(RowStats&, const float*, const float*, int64_t, float);
-using JsdFn = void (*)(JsdSums&, const float*, const float*, int64_t, const RowConsts&,
-                       const LossParams&, float*, float*);
-using JsdGradFn = void (*)(float*, const float*, const float*, const float*, int64_t,
-                           const RowConsts&, const LossParams&, float);
-using GradFn = void (*)(float*, const float*, const float*, int64_t, const RowConsts&,
-                        const LossParams&, float);
+using StatsFn = void (*)(RowStats&, const float*, const float*, int64_t, float, float*, float*);
+using JsdFn = void (*)(JsdSums&, const float*, const float*, const float*, float*, int64_t,
+                       ChunkScale, const RowConsts&, const LossParams&);
+using GradFn = void (*)(float*, const float*, const float*, const float*, const float*, int64_t,
+                        ChunkScale, const RowConsts&, const LossParams&, float);
 
 // Which gradient variant a problem needs: 2 * hard + soft, or kHardSoftT2.
 constexpr int kHardSoftT2 = 4;
@@ -175,8 +185,7 @@ inline int grad_variant(const LossParams& p) {
 struct ChunkKernels {
   StatsFn stats[3];  // [Z1 mode]
   JsdFn jsd;
-  GradFn grad[3][5];      // [divergence][grad_variant]
-  JsdGradFn jsd_grad[3];  // JSD with a soft weight, from the kept values: [soft, +hard, +T2]
+  GradFn grad[3][5];  // [divergence][grad_variant]
 };
 
 #define KDFUSED_GRADS(NAME, D)                                              \
@@ -187,30 +196,25 @@ struct ChunkKernels {
 #define KDFUSED_CHUNK_KERNELS(NAME, ...)                                                         \
   template <Z1 kZ1>                                                                              \
   __VA_ARGS__ void NAME##_stats(RowStats& st, const float* s, const float* t, int64_t len,       \
-                                float inv_t) {                                                   \
-    stats_chunk<kZ1>(st, s, t, len, inv_t);                                                      \
+                                float inv_t, float* es, float* et) {                             \
+    stats_chunk<kZ1>(st, s, t, len, inv_t, es, et);                                              \
   }                                                                                              \
-  __VA_ARGS__ void NAME##_jsd(JsdSums& acc, const float* s, const float* t, int64_t len,         \
-                              const RowConsts& c, const LossParams& p, float* ps, float* d) {    \
-    jsd_chunk(acc, s, t, len, c, p, ps, d);                                                      \
-  }                                                                                              \
-  template <bool kHard, bool kT2>                                                                \
-  __VA_ARGS__ void NAME##_jsd_grad(float* g, const float* s, const float* ps, const float* d,    \
-                                   int64_t len, const RowConsts& c, const LossParams& p,         \
-                                   float scale) {                                                \
-    jsd_grad_chunk<kHard, kT2>(g, s, ps, d, len, c, p, scale);                                   \
+  __VA_ARGS__ void NAME##_jsd(JsdSums& acc, const float* s, const float* t, const float* es,     \
+                              float* et, int64_t len, ChunkScale f, const RowConsts& c,          \
+                              const LossParams& p) {                                             \
+    jsd_chunk(acc, s, t, es, et, len, f, c, p);                                                  \
   }                                                                                              \
   template <Divergence D, bool kHard, bool kSoft, bool kT2>                                      \
-  __VA_ARGS__ void NAME##_grad(float* g, const float* s, const float* t, int64_t len,            \
-                               const RowConsts& c, const LossParams& p, float scale) {           \
-    grad_chunk<D, kHard, kSoft, kT2>(g, s, t, len, c, p, scale);                                 \
+  __VA_ARGS__ void NAME##_grad(float* g, const float* s, const float* t, const float* es,        \
+                               const float* et, int64_t len, ChunkScale f, const RowConsts& c,   \
+                               const LossParams& p, float scale) {                               \
+    grad_chunk<D, kHard, kSoft, kT2>(g, s, t, es, et, len, f, c, p, scale);                      \
   }                                                                                              \
   const ChunkKernels NAME##_kernels = {                                                          \
       {NAME##_stats<Z1::kNone>, NAME##_stats<Z1::kExp>, NAME##_stats<Z1::kSquare>},              \
       NAME##_jsd,                                                                                \
       {KDFUSED_GRADS(NAME, Divergence::kForwardKL), KDFUSED_GRADS(NAME, Divergence::kReverseKL), \
-       KDFUSED_GRADS(NAME, Divergence::kJSD)},                                                   \
-      {NAME##_jsd_grad<false, false>, NAME##_jsd_grad<true, false>, NAME##_jsd_grad<true, true>}};
+       KDFUSED_GRADS(NAME, Divergence::kJSD)}};
 
 // Baseline x86-64 (SSE2), for every CPU; AVX2 + FMA where the CPU has them.
 KDFUSED_CHUNK_KERNELS(baseline)
@@ -237,24 +241,22 @@ struct RowsArgs {
   S* grad;
 };
 
-// The rows [begin, end), fully: pass 1, JSD's pass, the losses and the gradient.
+// The rows [begin, end), fully: pass 1, JSD's pass, the losses and the
+// gradient. One row's kept exps (2 V floats) stay in this task's cache.
 template <typename S, typename Tt>
 void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t begin, int64_t end) {
   const LossParams& p = a.p;
   const int64_t v = a.v;
+  const int64_t chunks = (v + kChunk - 1) / kChunk;
   const StatsFn stats = kernels.stats[static_cast<int>(z1_mode(p))];
   const GradFn grad = kernels.grad[static_cast<int>(p.div)][grad_variant(p)];
   alignas(64) float sbuf[kChunk];
   alignas(64) float tbuf[kChunk];
   alignas(64) float gbuf[kChunk];
-  // JSD with a soft weight keeps p_s and log p_s - log m of the row for its
-  // gradient pass (which then needs no exp or log of its own).
-  const bool jsd_keep = p.div == Divergence::kJSD && p.soft_coef != 0.f && a.grad;
-  const int jsd_variant = grad_variant(p) == kHardSoftT2 ? 2 : (p.has_labels && p.alpha != 0.f);
-  std::vector<float> kept(jsd_keep ? 2 * v : 0);
-  float* kept_ps = kept.data();
-  float* kept_d = jsd_keep ? kept.data() + v : nullptr;
-  std::vector<float> scratch(p.div == Divergence::kJSD && !jsd_keep ? 2 * kChunk : 0);
+  std::vector<float> kept(2 * v);  // es, then et
+  float* es = kept.data();
+  float* et = kept.data() + v;
+  std::vector<float> anchors(2 * chunks);  // each chunk's (ms, mt)
   for (int64_t i = begin; i < end; ++i) {
     const int64_t label = a.y ? a.y[i] : -1;
     S* g = a.grad ? a.grad + i * v : nullptr;
@@ -268,41 +270,42 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
     const Tt* t = a.t + i * a.t_stride;
 
     RowStats st = stats_empty();
-    for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
+    for (int64_t j0 = 0, b = 0; j0 < v; j0 += kChunk, ++b) {
       const int64_t len = std::min(kChunk, v - j0);
       load_chunk(s + j0, len, sbuf);
       load_chunk(t + j0, len, tbuf);
-      stats(st, sbuf, tbuf, len, p.inv_t);
+      stats(st, sbuf, tbuf, len, p.inv_t, es + j0, et + j0);
+      anchors[2 * b] = st.ms;
+      anchors[2 * b + 1] = st.mt;
     }
     RowConsts c = row_consts(st, p);
+    const float inv_zs = 1.f / st.zs;
+    const float inv_zt = 1.f / st.zt;
+    const auto scale_of = [&](int64_t b) {
+      return ChunkScale{shifted_exp(anchors[2 * b], st.ms, p.inv_t) * inv_zs,
+                        shifted_exp(anchors[2 * b + 1], st.mt, p.inv_t) * inv_zt};
+    };
     if (p.div == Divergence::kJSD) {
       JsdSums acc{0.f, 0.f};
-      for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
+      for (int64_t j0 = 0, b = 0; j0 < v; j0 += kChunk, ++b) {
         const int64_t len = std::min(kChunk, v - j0);
         load_chunk(s + j0, len, sbuf);
         load_chunk(t + j0, len, tbuf);
-        float* ps = jsd_keep ? kept_ps + j0 : scratch.data();
-        float* d = jsd_keep ? kept_d + j0 : scratch.data() + kChunk;
-        kernels.jsd(acc, sbuf, tbuf, len, c, p, ps, d);
+        kernels.jsd(acc, sbuf, tbuf, es + j0, et + j0, len, scale_of(b), c, p);
       }
       jsd_finish(c, acc, p);
     }
     a.hard[i] = a.y ? hard_loss(static_cast<float>(s[label]), c) : 0.f;
     a.soft[i] = p.soft_scale * c.div;
     if (!g) continue;
-    for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
+    for (int64_t j0 = 0, b = 0; j0 < v; j0 += kChunk, ++b) {
       const int64_t len = std::min(kChunk, v - j0);
       load_chunk(s + j0, len, sbuf);
-      if (jsd_keep) {
-        kernels.jsd_grad[jsd_variant](gbuf, sbuf, kept_ps + j0, kept_d + j0, len, c, p,
-                                      a.grad_scale);
-      } else {
-        load_chunk(t + j0, len, tbuf);
-        grad(gbuf, sbuf, tbuf, len, c, p, a.grad_scale);
-      }
+      load_chunk(t + j0, len, tbuf);
+      grad(gbuf, sbuf, tbuf, es + j0, et + j0, len, scale_of(b), c, p, a.grad_scale);
       if (label >= j0 && label < j0 + len) {  // the label's own element
         const int64_t k = label - j0;
-        gbuf[k] = a.grad_scale * grad_element(sbuf[k], static_cast<float>(t[label]), true, c, p);
+        gbuf[k] = a.grad_scale * grad_element(sbuf[k], tbuf[k], true, c, p);
       }
       for (int64_t k = 0; k < len; ++k) g[j0 + k] = static_cast<S>(gbuf[k]);
     }
