@@ -52,7 +52,9 @@ def test_offset_views(s_offset, t_offset):
     y = make_labels((n,), vocab, "some", device="cuda")
     out, grad = check_against_oracle(s, t, y, divergence="jsd")
     out_c, grad_c = run_loss(s.clone(), t.clone(), y, divergence="jsd")
-    assert torch.equal(out.loss, out_c.loss) and torch.equal(grad, grad_c)
+    # Another split of the row over the threads: the same up to rounding.
+    torch.testing.assert_close(out.loss, out_c.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, grad_c)
 
 
 def test_non_default_stream():

@@ -83,7 +83,8 @@ def test_sizes_and_dtypes(emulated, n, vocab, dtype, divergence):
 @pytest.mark.parametrize("t_dtype", [torch.bfloat16, torch.float32])
 def test_offset_views(emulated, s_offset, t_offset, t_dtype):
     """Rows that start off a pack boundary, the same way in both inputs (packs
-    after a head) or not (the whole row scalar): same numbers as a copy."""
+    after a head) or not (the whole row scalar): the oracle's accuracy, and a
+    contiguous copy's numbers up to rounding."""
     n, vocab = 4, 2056
     base_s = make_logits((n * vocab + 8,), torch.bfloat16, seed=82)
     base_t = make_logits((n * vocab + 8,), t_dtype, seed=83)
@@ -92,7 +93,9 @@ def test_offset_views(emulated, s_offset, t_offset, t_dtype):
     y = make_labels((n,), vocab, "some")
     out, grad = check_against_oracle(s, t, y, divergence="jsd")
     out_c, grad_c = run_loss(s.clone(), t.clone(), y, divergence="jsd")
-    assert torch.equal(out.loss, out_c.loss) and torch.equal(grad, grad_c)
+    # Another split of the row over the threads: the same up to rounding.
+    torch.testing.assert_close(out.loss, out_c.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, grad_c)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
