@@ -6,6 +6,7 @@ Every provider computes the same loss as ``kdfused.fused_distill_loss`` with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import kdfused
 
 @dataclass(frozen=True)
 class LossOptions:
+    """The loss options every provider takes (FusedDistillLoss's names)."""
+
     temperature: float = 2.0
     alpha: float = 0.5
     divergence: str = "forward_kl"
@@ -50,14 +53,7 @@ def plain_loss(student, teacher, labels, opts: LossOptions):
 
 
 def _kdfused(opts: LossOptions):
-    loss_fn = kdfused.FusedDistillLoss(
-        temperature=opts.temperature,
-        alpha=opts.alpha,
-        divergence=opts.divergence,
-        beta=opts.beta,
-        ignore_index=opts.ignore_index,
-    )
-    return loss_fn
+    return kdfused.FusedDistillLoss(**dataclasses.asdict(opts))
 
 
 def _eager(opts: LossOptions):
