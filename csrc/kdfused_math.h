@@ -77,14 +77,13 @@ C10_HOST_DEVICE inline float kd_exp(float x) {
   const float n = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest
   // ln2 in two parts: n * 0.693359375 is exact for |n| < 2^15.
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float e = 1.f / 5040.f;  // Taylor to r^7: truncation < 0.05 ulp for |r| <= ln2 / 2
-  e = e * r + 1.f / 720.f;
-  e = e * r + 1.f / 120.f;
-  e = e * r + 1.f / 24.f;
-  e = e * r + 1.f / 6.f;
-  e = e * r + 0.5f;
-  e = e * r + 1.f;
-  e = e * r + 1.f;
+  // Taylor to r^7 (truncation < 0.05 ulp for |r| <= ln2 / 2), in Estrin's
+  // order: 4 dependent steps instead of Horner's 7, so that the CPU overlaps
+  // more of them.
+  const float r2 = r * r;
+  const float lo = (1.f + r) + r2 * (0.5f + r * (1.f / 6.f));
+  const float hi = (1.f / 24.f + r * (1.f / 120.f)) + r2 * (1.f / 720.f + r * (1.f / 5040.f));
+  const float e = lo + (r2 * r2) * hi;
   // 2^n as two normal powers of two, so that n down to -150 underflows gradually.
   const int32_t ni = static_cast<int32_t>(n);
   const int32_t half = ni >> 1;
