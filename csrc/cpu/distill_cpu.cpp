@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -231,9 +232,15 @@ KDFUSED_CHUNK_KERNELS(baseline)
 KDFUSED_CHUNK_KERNELS(avx2, __attribute__((target("avx2,fma"))))
 #endif
 
+// A chunk as float: float logits are used in place, others converted into buf.
 template <typename T>
-void load_chunk(const T* x, int64_t len, float* out) {
-  for (int64_t k = 0; k < len; ++k) out[k] = static_cast<float>(x[k]);
+const float* as_float(const T* x, int64_t len, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    for (int64_t k = 0; k < len; ++k) buf[k] = static_cast<float>(x[k]);
+    return buf;
+  }
 }
 
 // One problem's arguments to the row loop.
@@ -281,9 +288,8 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
     RowStats st = stats_empty();
     for (int64_t j0 = 0, b = 0; j0 < v; j0 += kChunk, ++b) {
       const int64_t len = std::min(kChunk, v - j0);
-      load_chunk(s + j0, len, sbuf);
-      load_chunk(t + j0, len, tbuf);
-      stats(st, sbuf, tbuf, len, p.inv_t, es + j0, et + j0);
+      stats(st, as_float(s + j0, len, sbuf), as_float(t + j0, len, tbuf), len, p.inv_t, es + j0,
+            et + j0);
       anchors[2 * b] = st.ms;
       anchors[2 * b + 1] = st.mt;
     }
@@ -298,9 +304,8 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
       JsdSums acc{0.f, 0.f};
       for (int64_t j0 = 0, b = 0; j0 < v; j0 += kChunk, ++b) {
         const int64_t len = std::min(kChunk, v - j0);
-        load_chunk(s + j0, len, sbuf);
-        load_chunk(t + j0, len, tbuf);
-        kernels.jsd(acc, sbuf, tbuf, es + j0, et + j0, len, scale_of(b), c, p);
+        kernels.jsd(acc, as_float(s + j0, len, sbuf), as_float(t + j0, len, tbuf), es + j0, et + j0,
+                    len, scale_of(b), c, p);
       }
       jsd_finish(c, acc, p);
     }
@@ -309,14 +314,23 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
     if (!g) continue;
     for (int64_t j0 = 0, b = 0; j0 < v; j0 += kChunk, ++b) {
       const int64_t len = std::min(kChunk, v - j0);
-      load_chunk(s + j0, len, sbuf);
-      load_chunk(t + j0, len, tbuf);
-      grad(gbuf, sbuf, tbuf, es + j0, et + j0, len, scale_of(b), c, p, a.grad_scale);
+      const float* sf = as_float(s + j0, len, sbuf);
+      const float* tf = as_float(t + j0, len, tbuf);
+      // A float gradient is written in place, others through gbuf.
+      float* gf;
+      if constexpr (std::is_same_v<S, float>) {
+        gf = g + j0;
+      } else {
+        gf = gbuf;
+      }
+      grad(gf, sf, tf, es + j0, et + j0, len, scale_of(b), c, p, a.grad_scale);
       if (label >= j0 && label < j0 + len) {  // the label's own element
         const int64_t k = label - j0;
-        gbuf[k] = a.grad_scale * grad_element(sbuf[k], tbuf[k], true, c, p);
+        gf[k] = a.grad_scale * grad_element(sf[k], tf[k], true, c, p);
       }
-      for (int64_t k = 0; k < len; ++k) g[j0 + k] = static_cast<S>(gbuf[k]);
+      if constexpr (!std::is_same_v<S, float>) {
+        for (int64_t k = 0; k < len; ++k) g[j0 + k] = static_cast<S>(gbuf[k]);
+      }
     }
   }
 }
