@@ -20,6 +20,11 @@
 
 namespace kdfused {
 
+// The per-element functions: always inlined, because a loop calling one out
+// of line cannot be vectorised (GCC stopped inlining accumulate_terms once it
+// grew, and the CPU kernel ran 5x slower).
+#define KDFUSED_HOT C10_HOST_DEVICE C10_ALWAYS_INLINE
+
 enum class Divergence : int32_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 
 // The options, folded into the coefficients the inner loops use.
@@ -60,20 +65,9 @@ inline int32_t to_bits(float x) {
   return bits;
 }
 
-}  // namespace host
-#endif
-
-// exp and log of the hot loops. On the GPU the hardware's (nvcc
-// --use_fast_math). On the CPU branch-free polynomials, so that the compiler
-// vectorises the loops that call them (calls into libm would keep them scalar):
-// within about 1 ulp of expf / logf, with gradual underflow, +-inf and NaN kept.
-C10_HOST_DEVICE inline float kd_exp(float x) {
-#ifdef __CUDA_ARCH__
-  return ::expf(x);
-#else
-  // x = n ln2 + r with |r| <= ln2 / 2, exp(x) = 2^n exp(r). Outside
-  // [-104, 89] the result is 0 or inf anyway; NaN passes both tests unchanged.
-  const float xc = x < -104.f ? -104.f : (x > 89.f ? 89.f : x);
+// exp(x) for x in [-104, 89] or NaN (the callers clamp): x = n ln2 + r with
+// |r| <= ln2 / 2, exp(x) = 2^n exp(r).
+C10_ALWAYS_INLINE float exp_core(float xc) {
   const float n = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest
   // ln2 in two parts: n * 0.693359375 is exact for |n| < 2^15.
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -87,11 +81,36 @@ C10_HOST_DEVICE inline float kd_exp(float x) {
   // 2^n as two normal powers of two, so that n down to -150 underflows gradually.
   const int32_t ni = static_cast<int32_t>(n);
   const int32_t half = ni >> 1;
-  return e * host::from_bits((half + 127) << 23) * host::from_bits((ni - half + 127) << 23);
+  return e * from_bits((half + 127) << 23) * from_bits((ni - half + 127) << 23);
+}
+
+}  // namespace host
+#endif
+
+// exp and log of the hot loops. On the GPU the hardware's (nvcc
+// --use_fast_math). On the CPU branch-free polynomials, so that the compiler
+// vectorises the loops that call them (calls into libm would keep them scalar):
+// within about 1 ulp of expf / logf, with gradual underflow, +-inf and NaN kept.
+KDFUSED_HOT float kd_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return ::expf(x);
+#else
+  // Outside [-104, 89] the result is 0 or inf anyway; NaN passes both tests.
+  return host::exp_core(x < -104.f ? -104.f : (x > 89.f ? 89.f : x));
 #endif
 }
 
-C10_HOST_DEVICE inline float kd_log(float x) {
+// kd_exp for x <= 0 (or NaN), as every exp of a shifted logit or of a
+// log-probability is: on the CPU one clamp fewer.
+KDFUSED_HOT float kd_exp_nonpos(float x) {
+#ifdef __CUDA_ARCH__
+  return ::expf(x);
+#else
+  return host::exp_core(x < -104.f ? -104.f : x);
+#endif
+}
+
+KDFUSED_HOT float kd_log(float x) {
 #ifdef __CUDA_ARCH__
   return ::logf(x);
 #else
@@ -127,23 +146,23 @@ C10_HOST_DEVICE inline float shifted_exp(float x, float m, float inv_t) {
 
 // weight * value with the convention 0 * log 0 = 0: a zero weight contributes
 // 0 even when value is inf or NaN (e.g. -inf - -inf). A NaN weight propagates.
-C10_HOST_DEVICE inline float weighted(float weight, float value) {
+KDFUSED_HOT float weighted(float weight, float value) {
   return weight == 0.f ? 0.f : weight * value;
 }
 
 // The same for a probability weight, which counts as 0 below FLT_MIN (its term
 // is below 1e-36; the GPU flushes such values to 0 anyway). Then log m, with m
 // >= (1 - beta) p or beta p, is finite wherever the weight counts.
-C10_HOST_DEVICE inline float prob_weighted(float prob, float value) {
+KDFUSED_HOT float prob_weighted(float prob, float value) {
   return prob < FLT_MIN ? 0.f : prob * value;
 }
 
 // NaN-propagating max: a NaN input never becomes the running max (x > m is
 // false), so it reaches the sums through shifted_exp instead.
-C10_HOST_DEVICE inline float max_keep(float m, float x) { return x > m ? x : m; }
+KDFUSED_HOT float max_keep(float m, float x) { return x > m ? x : m; }
 
 // x - m, and -inf for x = -inf even when m is -inf too.
-C10_HOST_DEVICE inline float below(float x, float m) { return x == neg_inf() ? neg_inf() : x - m; }
+KDFUSED_HOT float below(float x, float m) { return x == neg_inf() ? neg_inf() : x - m; }
 
 // Online softmax state of one row of both models (Milakov & Gimelshein 2018).
 // The KL sums are kept as expectations of log-ratios measured from reference
@@ -245,18 +264,20 @@ struct ScaledExps {
   float es, et;
 };
 
-C10_HOST_DEVICE inline ScaledExps accumulate_terms(float s, float t, float ms, float mt, float ref,
-                                                   float inv_t, Z1 z1_how, float& zs, float& zt,
-                                                   float& z1, float& ws, float& wt) {
-  const float ds = below(s, ms);
-  const float dt = below(t, mt);
-  const float es = kd_exp(ds * inv_t);
-  const float et = kd_exp(dt * inv_t);
+KDFUSED_HOT ScaledExps accumulate_terms(float s, float t, float ms, float mt, float ref,
+                                        float inv_t, Z1 z1_how, float& zs, float& zt, float& z1,
+                                        float& ws, float& wt, bool finite_anchors = false) {
+  // With finite anchors x - m is already below(x, m) (a kernel that knows it
+  // saves the selects).
+  const float ds = finite_anchors ? s - ms : below(s, ms);
+  const float dt = finite_anchors ? t - mt : below(t, mt);
+  const float es = kd_exp_nonpos(ds * inv_t);
+  const float et = kd_exp_nonpos(dt * inv_t);
   zs += es;
   zt += et;
-  ws += weighted(es, (ds - below(t, ref)) * inv_t);
+  ws += weighted(es, (ds - (finite_anchors ? t - ref : below(t, ref))) * inv_t);
   wt += weighted(et, (dt - ds) * inv_t);
-  if (z1_how == Z1::kExp) z1 += kd_exp(ds);
+  if (z1_how == Z1::kExp) z1 += kd_exp_nonpos(ds);
   if (z1_how == Z1::kSquare) z1 += es * es;
   return ScaledExps{es, et};
 }
@@ -316,16 +337,16 @@ C10_HOST_DEVICE inline RowConsts row_consts(const RowStats& st, const LossParams
   return c;
 }
 
-C10_HOST_DEVICE inline float log_ps(float s, const RowConsts& c, const LossParams& p) {
+KDFUSED_HOT float log_ps(float s, const RowConsts& c, const LossParams& p) {
   return (s - c.ms) * p.inv_t - c.log_zs;
 }
 
-C10_HOST_DEVICE inline float log_pt(float t, const RowConsts& c, const LossParams& p) {
+KDFUSED_HOT float log_pt(float t, const RowConsts& c, const LossParams& p) {
   return (t - c.mt) * p.inv_t - c.log_zt;
 }
 
 // log m = log(beta p_t + (1 - beta) p_s), from the two probabilities.
-C10_HOST_DEVICE inline float log_mix(float pt, float ps, const LossParams& p) {
+KDFUSED_HOT float log_mix(float pt, float ps, const LossParams& p) {
   return kd_log(p.beta * pt + (1.f - p.beta) * ps);
 }
 
@@ -341,29 +362,27 @@ struct JsdElement {
   float ps, pt, lps, lpt, lm;
 };
 
-C10_HOST_DEVICE inline JsdElement jsd_element(float s, float t, float ps, float pt,
-                                              const RowConsts& c, const LossParams& p) {
+KDFUSED_HOT JsdElement jsd_element(float s, float t, float ps, float pt, const RowConsts& c,
+                                   const LossParams& p) {
   return JsdElement{ps, pt, log_ps(s, c, p), log_pt(t, c, p), log_mix(pt, ps, p)};
 }
 
-C10_HOST_DEVICE inline JsdElement jsd_element(float s, float t, const RowConsts& c,
-                                              const LossParams& p) {
-  return jsd_element(s, t, kd_exp(log_ps(s, c, p)), kd_exp(log_pt(t, c, p)), c, p);
+KDFUSED_HOT JsdElement jsd_element(float s, float t, const RowConsts& c, const LossParams& p) {
+  return jsd_element(s, t, kd_exp_nonpos(log_ps(s, c, p)), kd_exp_nonpos(log_pt(t, c, p)), c, p);
 }
 
-C10_HOST_DEVICE inline void jsd_accumulate(JsdSums& acc, const JsdElement& e) {
+KDFUSED_HOT void jsd_accumulate(JsdSums& acc, const JsdElement& e) {
   acc.kl_tm += prob_weighted(e.pt, e.lpt - e.lm);
   acc.kl_sm += prob_weighted(e.ps, e.lps - e.lm);
 }
 
-C10_HOST_DEVICE inline void jsd_accumulate(JsdSums& acc, float s, float t, const RowConsts& c,
-                                           const LossParams& p) {
+KDFUSED_HOT void jsd_accumulate(JsdSums& acc, float s, float t, const RowConsts& c,
+                                const LossParams& p) {
   jsd_accumulate(acc, jsd_element(s, t, c, p));
 }
 
 // dJSD/ds * T for one element, from p_s and log p_s - log m (JSD pass done).
-C10_HOST_DEVICE inline float jsd_grad(float ps, float lps_minus_lm, const RowConsts& c,
-                                      const LossParams& p) {
+KDFUSED_HOT float jsd_grad(float ps, float lps_minus_lm, const RowConsts& c, const LossParams& p) {
   return (1.f - p.beta) * prob_weighted(ps, lps_minus_lm - c.kl_sm);
 }
 
@@ -384,12 +403,10 @@ C10_HOST_DEVICE inline float hard_loss(float s_label, const RowConsts& c) {
 
 // T = 2: softmax(s) = p_s^2 zs^2 / z1 (one exp fewer), as p_s * (p_s * zs^2 / z1)
 // so that it underflows no sooner than exp would.
-C10_HOST_DEVICE inline float softmax_from_ps(float ps, const RowConsts& c) {
-  return ps * (ps * c.q_per_ps2);
-}
+KDFUSED_HOT float softmax_from_ps(float ps, const RowConsts& c) { return ps * (ps * c.q_per_ps2); }
 
 // The hard term's part of the gradient, from q = softmax(s).
-C10_HOST_DEVICE inline float hard_grad(float q, bool is_label, const LossParams& p) {
+KDFUSED_HOT float hard_grad(float q, bool is_label, const LossParams& p) {
   return p.alpha * (q - (is_label ? 1.f : 0.f));
 }
 
@@ -400,11 +417,11 @@ C10_HOST_DEVICE inline float hard_grad(float q, bool is_label, const LossParams&
 // reverse KL). A term whose weight is 0 is skipped, so it cannot turn a finite
 // gradient NaN.
 template <Divergence D, bool kHard, bool kSoft, bool kT2 = false>
-C10_HOST_DEVICE inline float grad_from_probs(float s, float t, float ps, float pt, bool is_label,
-                                             const RowConsts& c, const LossParams& p) {
+KDFUSED_HOT float grad_from_probs(float s, float t, float ps, float pt, bool is_label,
+                                  const RowConsts& c, const LossParams& p) {
   float g = 0.f;
   if (kHard) {
-    const float q = kT2 && kSoft ? softmax_from_ps(ps, c) : kd_exp((s - c.ms) - c.log_z1);
+    const float q = kT2 && kSoft ? softmax_from_ps(ps, c) : kd_exp_nonpos((s - c.ms) - c.log_z1);
     g = hard_grad(q, is_label, p);
   }
   if (kSoft) {
@@ -424,10 +441,10 @@ C10_HOST_DEVICE inline float grad_from_probs(float s, float t, float ps, float p
 
 // The same, computing p_s and p_t (what the soft term needs of them) itself.
 template <Divergence D, bool kHard, bool kSoft, bool kT2 = false>
-C10_HOST_DEVICE inline float grad_element_as(float s, float t, bool is_label, const RowConsts& c,
-                                             const LossParams& p) {
-  const float ps = kSoft ? kd_exp(log_ps(s, c, p)) : 0.f;
-  const float pt = kSoft && D != Divergence::kReverseKL ? kd_exp(log_pt(t, c, p)) : 0.f;
+KDFUSED_HOT float grad_element_as(float s, float t, bool is_label, const RowConsts& c,
+                                  const LossParams& p) {
+  const float ps = kSoft ? kd_exp_nonpos(log_ps(s, c, p)) : 0.f;
+  const float pt = kSoft && D != Divergence::kReverseKL ? kd_exp_nonpos(log_pt(t, c, p)) : 0.f;
   return grad_from_probs<D, kHard, kSoft, kT2>(s, t, ps, pt, is_label, c, p);
 }
 

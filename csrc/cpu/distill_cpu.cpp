@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -76,6 +77,35 @@ KDFUSED_INLINE void chunk_max(const float* s, const float* t, int64_t len, float
 // each element's exp((s - ms) / T), exp((t - mt) / T) in es, et (for this
 // chunk's anchors; the later passes scale them to p_s, p_t instead of taking
 // more exps).
+// Adds a chunk to a state whose anchors already cover it, keeping the exps.
+template <Z1 kZ1, bool kFinite>
+KDFUSED_INLINE void add_chunk(RowStats& st, const float* s, const float* t, int64_t len,
+                              float inv_t, float* es, float* et) {
+  const float ms = st.ms, mt = st.mt, ref = st.ref;
+  float zs[kLanes] = {}, zt[kLanes] = {}, z1[kLanes] = {}, ws[kLanes] = {}, wt[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= len; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const ScaledExps e = accumulate_terms(s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l],
+                                            zt[l], z1[l], ws[l], wt[l], kFinite);
+      es[k + l] = e.es;
+      et[k + l] = e.et;
+    }
+  }
+  for (int l = 0; k + l < len; ++l) {
+    const ScaledExps e = accumulate_terms(s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l], zt[l],
+                                          z1[l], ws[l], wt[l], kFinite);
+    es[k + l] = e.es;
+    et[k + l] = e.et;
+  }
+  // Same anchors everywhere: merging the lanes into the row is plain addition.
+  st.zs += lane_sum(zs);
+  st.zt += lane_sum(zt);
+  st.z1 += lane_sum(z1);
+  st.ws += lane_sum(ws);
+  st.wt += lane_sum(wt);
+}
+
 template <Z1 kZ1>
 KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, int64_t len,
                                 float inv_t, float* es, float* et) {
@@ -91,29 +121,13 @@ KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, in
     }
   }
   stats_raise(st, cms, cmt, t_at, inv_t);
-  const float ms = st.ms, mt = st.mt, ref = st.ref;
-  float zs[kLanes] = {}, zt[kLanes] = {}, z1[kLanes] = {}, ws[kLanes] = {}, wt[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= len; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const ScaledExps e = accumulate_terms(s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l],
-                                            zt[l], z1[l], ws[l], wt[l]);
-      es[k + l] = e.es;
-      et[k + l] = e.et;
-    }
+  // Finite anchors (every chunk after the first finite logits) skip below()'s
+  // selects: -inf - finite is already -inf.
+  if (std::isfinite(st.ms) && std::isfinite(st.mt) && std::isfinite(st.ref)) {
+    add_chunk<kZ1, true>(st, s, t, len, inv_t, es, et);
+  } else {
+    add_chunk<kZ1, false>(st, s, t, len, inv_t, es, et);
   }
-  for (int l = 0; k + l < len; ++l) {
-    const ScaledExps e = accumulate_terms(s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l], zt[l],
-                                          z1[l], ws[l], wt[l]);
-    es[k + l] = e.es;
-    et[k + l] = e.et;
-  }
-  // Same anchors everywhere: merging the lanes into the row is plain addition.
-  st.zs += lane_sum(zs);
-  st.zt += lane_sum(zt);
-  st.z1 += lane_sum(z1);
-  st.ws += lane_sum(ws);
-  st.wt += lane_sum(wt);
 }
 
 // How a chunk's kept exps become probabilities: p_s = es * fs, p_t = et * ft.
@@ -163,7 +177,7 @@ KDFUSED_INLINE void grad_chunk(float* g, const float* s, const float* t, const f
     if (D == Divergence::kJSD && kSoft) {
       gk = p.soft_coef * p.inv_t * jsd_grad(ps, et[k], c, p);
       if (kHard) {
-        const float q = kT2 ? softmax_from_ps(ps, c) : kd_exp((s[k] - c.ms) - c.log_z1);
+        const float q = kT2 ? softmax_from_ps(ps, c) : kd_exp_nonpos((s[k] - c.ms) - c.log_z1);
         gk += hard_grad(q, false, p);
       }
     } else {
