@@ -405,27 +405,30 @@ C10_HOST_DEVICE inline float hard_loss(float s_label, const RowConsts& c) {
 // so that it underflows no sooner than exp would.
 KDFUSED_HOT float softmax_from_ps(float ps, const RowConsts& c) { return ps * (ps * c.q_per_ps2); }
 
-// The hard term's part of the gradient, from q = softmax(s).
-KDFUSED_HOT float hard_grad(float q, bool is_label, const LossParams& p) {
-  return p.alpha * (q - (is_label ? 1.f : 0.f));
-}
-
-// d loss_i / d s_iv for one element (before the reduction's row weight):
-//   alpha * (q - onehot(y)) + (1 - alpha) * soft_scale * dD/ds,
-// for a divergence D known at compile time (kHard: the hard term has a weight,
-// kSoft: the soft term has one; kT2: T = 2), given p_s and p_t (p_t unused by
-// reverse KL). A term whose weight is 0 is skipped, so it cannot turn a finite
+// The gradient of one element from its p_s and dd = T dD/ds (before the
+// reduction's row weight): alpha * (q - onehot(y)) + (1 - alpha) * soft_scale * dD/ds,
+// with q = softmax(s) (for T = 2 from p_s). kHard / kSoft: the hard / soft term
+// has a weight; a term whose weight is 0 is skipped, so it cannot turn a finite
 // gradient NaN.
-template <Divergence D, bool kHard, bool kSoft, bool kT2 = false>
-KDFUSED_HOT float grad_from_probs(float s, float t, float ps, float pt, bool is_label,
-                                  const RowConsts& c, const LossParams& p) {
+template <bool kHard, bool kSoft, bool kT2>
+KDFUSED_HOT float combine_grad(float s, float ps, float dd, bool is_label, const RowConsts& c,
+                               const LossParams& p) {
   float g = 0.f;
   if (kHard) {
     const float q = kT2 && kSoft ? softmax_from_ps(ps, c) : kd_exp_nonpos((s - c.ms) - c.log_z1);
-    g = hard_grad(q, is_label, p);
+    g = p.alpha * (q - (is_label ? 1.f : 0.f));
   }
+  if (kSoft) g += p.soft_coef * p.inv_t * dd;
+  return g;
+}
+
+// d loss_i / d s_iv for one element, for a divergence D known at compile time
+// (kT2: T = 2), given p_s and p_t (p_t unused by reverse KL).
+template <Divergence D, bool kHard, bool kSoft, bool kT2 = false>
+KDFUSED_HOT float grad_from_probs(float s, float t, float ps, float pt, bool is_label,
+                                  const RowConsts& c, const LossParams& p) {
+  float dd = 0.f;
   if (kSoft) {
-    float dd;
     if (D == Divergence::kForwardKL) {
       dd = ps - pt;
     } else if (D == Divergence::kReverseKL) {
@@ -434,9 +437,8 @@ KDFUSED_HOT float grad_from_probs(float s, float t, float ps, float pt, bool is_
     } else {
       dd = jsd_grad(ps, log_ps(s, c, p) - log_mix(pt, ps, p), c, p);
     }
-    g += p.soft_coef * p.inv_t * dd;
   }
-  return g;
+  return combine_grad<kHard, kSoft, kT2>(s, ps, dd, is_label, c, p);
 }
 
 // The same, computing p_s and p_t (what the soft term needs of them) itself.

@@ -73,10 +73,6 @@ KDFUSED_INLINE void chunk_max(const float* s, const float* t, int64_t len, float
   }
 }
 
-// Pass 1 for one chunk: raise the anchors, then add every element, keeping
-// each element's exp((s - ms) / T), exp((t - mt) / T) in es, et (for this
-// chunk's anchors; the later passes scale them to p_s, p_t instead of taking
-// more exps).
 // Adds a chunk to a state whose anchors already cover it, keeping the exps.
 template <Z1 kZ1, bool kFinite>
 KDFUSED_INLINE void add_chunk(RowStats& st, const float* s, const float* t, int64_t len,
@@ -106,6 +102,10 @@ KDFUSED_INLINE void add_chunk(RowStats& st, const float* s, const float* t, int6
   st.wt += lane_sum(wt);
 }
 
+// Pass 1 for one chunk: raise the anchors, then add every element, keeping
+// each element's exp((s - ms) / T), exp((t - mt) / T) in es, et (for this
+// chunk's anchors; the later passes scale them to p_s, p_t instead of taking
+// more exps).
 template <Z1 kZ1>
 KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, int64_t len,
                                 float inv_t, float* es, float* et) {
@@ -173,17 +173,13 @@ KDFUSED_INLINE void grad_chunk(float* g, const float* s, const float* t, const f
                                const LossParams& p, float scale) {
   for (int64_t k = 0; k < len; ++k) {
     const float ps = es[k] * f.fs;
-    float gk;
     if (D == Divergence::kJSD && kSoft) {
-      gk = p.soft_coef * p.inv_t * jsd_grad(ps, et[k], c, p);
-      if (kHard) {
-        const float q = kT2 ? softmax_from_ps(ps, c) : kd_exp_nonpos((s[k] - c.ms) - c.log_z1);
-        gk += hard_grad(q, false, p);
-      }
+      g[k] =
+          scale * combine_grad<kHard, kSoft, kT2>(s[k], ps, jsd_grad(ps, et[k], c, p), false, c, p);
     } else {
-      gk = grad_from_probs<D, kHard, kSoft, kT2>(s[k], t[k], ps, et[k] * f.ft, false, c, p);
+      g[k] =
+          scale * grad_from_probs<D, kHard, kSoft, kT2>(s[k], t[k], ps, et[k] * f.ft, false, c, p);
     }
-    g[k] = scale * gk;
   }
 }
 
@@ -389,10 +385,9 @@ DistillResult distill_forward_cpu(const at::Tensor& student, const at::Tensor& t
                                   const std::optional<at::Tensor>& grad_scale, double temperature,
                                   double alpha, c10::string_view divergence, double beta,
                                   int64_t ignore_index, bool scale_by_t2, bool compute_grad) {
-  const DistillProblem prob = prepare_problem(student, teacher, labels, grad_scale, temperature,
-                                              alpha, divergence, beta, ignore_index, scale_by_t2);
-  TORCH_CHECK_VALUE(student.device().is_cpu(), "kdfused: distill_forward_cpu got ",
-                    student.device().str(), " tensors");
+  const DistillProblem prob =
+      prepare_problem(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
+                      ignore_index, scale_by_t2, c10::DeviceType::CPU);
   if (prob.labels) {
     check_label_range(prob.labels->const_data_ptr<int64_t>(), prob.n, prob.v, ignore_index);
   }
