@@ -47,7 +47,8 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
                                const std::optional<at::Tensor>& labels,
                                const std::optional<at::Tensor>& grad_scale, double temperature,
                                double alpha, c10::string_view divergence, double beta,
-                               int64_t ignore_index, bool scale_by_t2) {
+                               int64_t ignore_index, bool scale_by_t2,
+                               c10::DeviceType kernel_device) {
   TORCH_CHECK_VALUE(student.dim() == 2, "kdfused: student logits must be [N, V], got shape ",
                     text(student.sizes()));
   TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(),
@@ -63,6 +64,9 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
   TORCH_CHECK_VALUE(student.device() == teacher.device(),
                     "kdfused: student and teacher logits must be on the same device, got ",
                     student.device().str(), " and ", teacher.device().str());
+  TORCH_CHECK_VALUE(student.device().type() == kernel_device, "kdfused: the ",
+                    c10::DeviceTypeName(kernel_device), " kernel got ", student.device().str(),
+                    " tensors");
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
                     "kdfused: temperature must be finite and > 0, got ", text(temperature));
   TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "kdfused: alpha must lie in [0, 1], got ",

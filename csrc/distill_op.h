@@ -44,14 +44,16 @@ struct DistillProblem {
   int64_t v;
 };
 
-// Checks shapes, dtypes, devices and option values (the label *range* is data
-// dependent and is checked by each kernel before it reads), and makes the
-// inputs kernel-ready, copying only when the last dim is not contiguous.
+// Checks shapes, dtypes, devices (on kernel_device, the calling kernel's) and
+// option values (the label *range* is data dependent and is checked by each
+// kernel before it reads), and makes the inputs kernel-ready, copying only when
+// the last dim is not contiguous.
 DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teacher,
                                const std::optional<at::Tensor>& labels,
                                const std::optional<at::Tensor>& grad_scale, double temperature,
                                double alpha, c10::string_view divergence, double beta,
-                               int64_t ignore_index, bool scale_by_t2);
+                               int64_t ignore_index, bool scale_by_t2,
+                               c10::DeviceType kernel_device);
 
 // hard_rows, soft_rows (float32 [N]) and the gradient (student dtype [N, V], or
 // [0] when compute_grad is false: no N x V buffer is allocated then).

@@ -38,10 +38,9 @@ DistillResult distill_forward_cuda(const at::Tensor& student, const at::Tensor& 
                                    const std::optional<at::Tensor>& grad_scale, double temperature,
                                    double alpha, c10::string_view divergence, double beta,
                                    int64_t ignore_index, bool scale_by_t2, bool compute_grad) {
-  const DistillProblem prob = prepare_problem(student, teacher, labels, grad_scale, temperature,
-                                              alpha, divergence, beta, ignore_index, scale_by_t2);
-  TORCH_CHECK_VALUE(student.device().is_cuda(), "kdfused: distill_forward_cuda got ",
-                    student.device().str(), " tensors");
+  const DistillProblem prob =
+      prepare_problem(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
+                      ignore_index, scale_by_t2, c10::DeviceType::CUDA);
   TORCH_CHECK_VALUE(prob.n <= std::numeric_limits<int32_t>::max(),
                     "kdfused: at most 2^31 - 1 rows per call, got N = ", text(prob.n));
   const c10::cuda::CUDAGuard guard(student.device());
