@@ -4,7 +4,7 @@
 # kdfused against plain PyTorch eager, torch.compile and, when its wheel was
 # carried in .whl/, Liger-Kernel. Everything lands under $OUT: gpu_check.log
 # (all output), pytest.log, bench.md and bench.csv. Each stage has its own time
-# limit, so the script ends within about 8 minutes whatever happens.
+# limit, so the script ends within about 9 minutes whatever happens.
 #
 #   KDFUSED_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
 #
@@ -37,7 +37,7 @@ fi
 stage "build (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0)"
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 start=$SECONDS
-if ! timeout 150 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e .; then
+if ! timeout 180 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e .; then
   echo "BUILD FAILED"
   exit 1
 fi
@@ -51,7 +51,9 @@ if [ -n "${GPU_CHECK_TESTS:-}" ]; then
 else
   test_args=(tests -m "not emulated")
 fi
-timeout 210 python3 -m pytest -q -ra -p no:cacheprovider "${test_args[@]}" 2>&1 \
+# pytest-xdist (on the GPU machine's image) spreads the suite over 8 workers.
+python3 -c "import xdist" 2>/dev/null && test_args=(-n 8 "${test_args[@]}")
+timeout 150 python3 -m pytest -q -ra -p no:cacheprovider "${test_args[@]}" 2>&1 \
   | tee "$out/pytest.log" | grep -v "^SKIPPED" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
@@ -61,6 +63,12 @@ timeout 150 python3 -m benchmarks.run --device cuda --dtype "${GPU_CHECK_DTYPE:-
   --providers kdfused,eager,compile,liger --warmup 2 --reps 5 \
   --csv "$out/bench.csv" --md "$out/bench.md"
 [ $? -eq 0 ] || status=1
+for div in reverse_kl jsd; do
+  timeout 60 python3 -m benchmarks.run --device cuda --dtype "${GPU_CHECK_DTYPE:-bfloat16}" \
+    --sizes "${GPU_CHECK_SIZES:-8192x128256,4096x32000}" --modes full --divergence $div \
+    --providers kdfused --warmup 2 --reps 5 --csv "$out/bench.csv" --md "$out/bench.md"
+  [ $? -eq 0 ] || status=1
+done
 
 stage "done: status $status"
 exit $status
