@@ -4,14 +4,15 @@
 # kdfused against plain PyTorch eager, torch.compile and, when its wheel was
 # carried in .whl/, Liger-Kernel. Everything lands under $OUT: gpu_check.log
 # (all output), pytest.log, bench.md and bench.csv. Each stage has its own time
-# limit, so the script ends within about 9 minutes whatever happens.
+# limit, so the script ends within about 10 minutes whatever happens; about
+# 5 when all goes well.
 #
 #   KDFUSED_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
 #
 # (.git does not travel to that machine, hence KDFUSED_COMMIT.) Options:
 # GPU_CHECK_SIZES (default 8192x128256,4096x32000), GPU_CHECK_DTYPE (bfloat16),
-# GPU_CHECK_TESTS (pytest arguments; default: the whole suite but the CUDA
-# emulator's tests, which stand in for a GPU where there is none).
+# GPU_CHECK_TESTS (pytest arguments; default: every test with a CUDA case),
+# GPU_CHECK_SWEEP (the sizes of the sweep over V and N).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -49,26 +50,35 @@ stage "tests"
 if [ -n "${GPU_CHECK_TESTS:-}" ]; then
   read -ra test_args <<< "$GPU_CHECK_TESTS"
 else
-  test_args=(tests -m "not emulated")
+  # What runs on CUDA: every test with a CUDA case, and test_cuda.py. (The
+  # CPU cases ran in CI; the emulator's tests stand in for a GPU.)
+  test_args=(tests -m "not emulated" -k cuda)
 fi
-# pytest-xdist (on the GPU machine's image) spreads the suite over 8 workers.
+# pytest-xdist (on the GPU machine's image) spreads the suite over 8 workers,
+# two CPU threads each (16 threads per worker starved the 16 cores).
 python3 -c "import xdist" 2>/dev/null && test_args=(-n 8 "${test_args[@]}")
-timeout 150 python3 -m pytest -q -ra -p no:cacheprovider "${test_args[@]}" 2>&1 \
-  | tee "$out/pytest.log" | grep -v "^SKIPPED" | tail -60
+OMP_NUM_THREADS=2 timeout 180 python3 -m pytest -q -ra -p no:cacheprovider "${test_args[@]}" 2>&1 \
+  | tee "$out/pytest.log" | grep -v "^SKIPPED" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-stage "benchmark"
-timeout 150 python3 -m benchmarks.run --device cuda --dtype "${GPU_CHECK_DTYPE:-bfloat16}" \
-  --sizes "${GPU_CHECK_SIZES:-8192x128256,4096x32000}" --modes full \
-  --providers kdfused,eager,compile,liger --warmup 2 --reps 5 \
-  --csv "$out/bench.csv" --md "$out/bench.md"
-[ $? -eq 0 ] || status=1
-for div in reverse_kl jsd; do
-  timeout 60 python3 -m benchmarks.run --device cuda --dtype "${GPU_CHECK_DTYPE:-bfloat16}" \
-    --sizes "${GPU_CHECK_SIZES:-8192x128256,4096x32000}" --modes full --divergence $div \
-    --providers kdfused --warmup 2 --reps 5 --csv "$out/bench.csv" --md "$out/bench.md"
+bench() {  # bench SECONDS ARGS...: one run of the CLI, appended to bench.csv / bench.md
+  local limit=$1
+  shift
+  timeout "$limit" python3 -m benchmarks.run --device cuda --dtype "${GPU_CHECK_DTYPE:-bfloat16}" \
+    --modes full --warmup 2 --reps 7 --csv "$out/bench.csv" --md "$out/bench.md" "$@"
   [ $? -eq 0 ] || status=1
+}
+
+stage "benchmark"
+sizes=${GPU_CHECK_SIZES:-8192x128256,4096x32000}
+bench 150 --sizes "$sizes" --providers kdfused,kdfused-c8,kdfused-stream,eager,compile,liger
+for div in reverse_kl jsd; do
+  bench 60 --sizes "$sizes" --divergence $div --providers kdfused,kdfused-stream,liger
 done
+
+stage "sweep over V and N (no torch.compile: it recompiles for every shape)"
+bench 120 --sizes "${GPU_CHECK_SWEEP:-8192x32000,8192x65536,8192x262144,1024x128256,2048x128256,16384x128256}" \
+  --providers kdfused,kdfused-stream,eager,liger
 
 stage "done: status $status"
 exit $status

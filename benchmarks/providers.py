@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,34 @@ def plain_loss(student, teacher, labels, opts: LossOptions):
 
 def _kdfused(opts: LossOptions):
     return kdfused.FusedDistillLoss(**dataclasses.asdict(opts))
+
+
+def _kdfused_with(**env: str):
+    """kdfused with a CUDA kernel choice forced through the environment (the
+    variants the default replaced, kept for side-by-side timings)."""
+
+    def make(opts: LossOptions):
+        loss = _kdfused(opts)
+
+        def call(s, t, y):
+            before = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                return loss(s, t, y)
+            finally:
+                for k, v in before.items():
+                    if v is None:
+                        del os.environ[k]
+                    else:
+                        os.environ[k] = v
+
+        return call
+
+    return make
+
+
+def _cuda_only(device: str) -> str | None:
+    return None if device == "cuda" else "a CUDA kernel choice"
 
 
 def _eager(opts: LossOptions):
@@ -104,6 +133,10 @@ PROVIDERS = {
     p.name: p
     for p in (
         Provider("kdfused", _kdfused),
+        # The streaming kernel (a second read of each row), and the resident
+        # kernel in clusters of at most 8 blocks (512 threads at V = 128256).
+        Provider("kdfused-stream", _kdfused_with(KDFUSED_CUDA_KERNEL="stream"), _cuda_only),
+        Provider("kdfused-c8", _kdfused_with(KDFUSED_CUDA_MAX_CLUSTER="8"), _cuda_only),
         Provider("eager", _eager),
         Provider("compile", _compiled),
         Provider("liger", _liger, _liger_missing),

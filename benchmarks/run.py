@@ -210,7 +210,7 @@ def run(args) -> list[dict]:
                     peak_nv=round(peak / (n * v * elem), 2),
                     copy_gbps=round(copy_bw / 1e9, 1),
                 )
-                if name == "kdfused" and mode == "full":
+                if name.startswith("kdfused") and mode == "full":
                     floor = 3 * n * v * elem
                     row["floor_gbps"] = round(floor / seconds / 1e9, 1)
                     row["pct_of_copy"] = round(100 * floor / seconds / copy_bw, 1)

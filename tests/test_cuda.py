@@ -29,6 +29,41 @@ def test_llm_vocab(vocab, dtype, divergence):
     check_against_oracle(s, t, y, divergence=divergence)
 
 
+@pytest.mark.parametrize(
+    "dtype,vocab",
+    [(torch.bfloat16, 128256), (torch.bfloat16, 32000), (torch.float32, 65536), (torch.float16, 8)],
+)
+@pytest.mark.parametrize("kernel", ["resident", "stream"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_both_kernels(monkeypatch, kernel, dtype, vocab, divergence):
+    """Each CUDA kernel forced (resident: clusters of up to 8 blocks at 128256)."""
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", kernel)
+    s = make_logits((5, vocab), dtype, "cuda", seed=66)
+    t = make_logits((5, vocab), dtype, "cuda", seed=67)
+    y = make_labels((5,), vocab, "some", device="cuda")
+    check_against_oracle(s, t, y, divergence=divergence)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_kernels_agree_on_many_rows(monkeypatch, divergence):
+    """8192 x 128256 bf16, the benchmark's size: every row of the resident
+    kernel's launch (all multiprocessors busy, clusters in flight together)
+    against the streaming kernel, up to float32 rounding."""
+    g = torch.Generator(device="cuda").manual_seed(68)
+    s = torch.randn(8192, 128256, generator=g, device="cuda", dtype=torch.bfloat16).mul_(3)
+    t = torch.randn(8192, 128256, generator=g, device="cuda", dtype=torch.bfloat16).mul_(3)
+    y = make_labels((8192,), 128256, "some", device="cuda")
+    args = (s, t, y, None, 2.0, 0.5, divergence, 0.5, -100, True, True)
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
+    resident = torch.ops.kdfused.distill_forward.default(*args)
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "stream")
+    streaming = torch.ops.kdfused.distill_forward.default(*args)
+    torch.testing.assert_close(resident[0], streaming[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(resident[1], streaming[1], rtol=1e-4, atol=1e-6)
+    # bf16 gradients: at most one rounding step apart.
+    torch.testing.assert_close(resident[2], streaming[2], rtol=2**-7, atol=1e-12)
+
+
 @pytest.mark.parametrize("n,vocab", [(1, 1), (7, 3), (5, 1001), (9, 32001), (3, 4099)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -121,12 +156,13 @@ def test_cuda_graph_capture(divergence):
         torch.testing.assert_close(static_s.grad, grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("vocab", [50001, 128256])  # the streaming kernel; the resident one
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_deterministic(divergence):
+def test_deterministic(vocab, divergence):
     """No atomics: two runs are bit-identical, loss and gradient."""
-    s = make_logits((33, 50001), torch.bfloat16, "cuda", seed=76)
-    t = make_logits((33, 50001), torch.bfloat16, "cuda", seed=77)
-    y = make_labels((33,), 50001, device="cuda")
+    s = make_logits((33, vocab), torch.bfloat16, "cuda", seed=76)
+    t = make_logits((33, vocab), torch.bfloat16, "cuda", seed=77)
+    y = make_labels((33,), vocab, device="cuda")
     first = run_loss(s, t, y, divergence=divergence)
     second = run_loss(s, t, y, divergence=divergence)
     assert torch.equal(first[0].loss, second[0].loss)

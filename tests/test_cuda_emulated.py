@@ -79,6 +79,81 @@ def test_sizes_and_dtypes(emulated, n, vocab, dtype, divergence):
     check_against_oracle(s, t, y, divergence=divergence)
 
 
+# The emulator runs the resident kernel at 2 packs per thread and at most 64
+# threads per block (32 preferred), so these rows take clusters of 1 to 16.
+@pytest.mark.parametrize(
+    "n,vocab,dtype",
+    [
+        (3, 8, torch.bfloat16),  # one pack per row: one block, one busy thread
+        (4, 1000, torch.float32),  # 250 packs: 4 blocks of 32 threads, the last partly empty
+        (2, 4096, torch.float16),  # 512 packs: 8 blocks
+        (2, 8192, torch.bfloat16),  # 1024 packs: 16 blocks of 32 threads
+        (1, 16384, torch.bfloat16),  # 2048 packs: 16 blocks of 64 threads, the largest row
+    ],
+)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_resident_kernel(emulated, monkeypatch, n, vocab, dtype, divergence):
+    """The register-resident kernel (forced: an error if it did not take the
+    problem), with rows split over clusters of 1 to 16 blocks."""
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
+    s = make_logits((n, vocab), dtype, seed=96)
+    t = make_logits((n, vocab), torch.bfloat16, seed=97)
+    y = make_labels((n,), vocab, "some")
+    check_against_oracle(s, t, y, divergence=divergence, temperature=2.0)
+
+
+def test_cluster_limit(emulated, monkeypatch):
+    """KDFUSED_CUDA_MAX_CLUSTER lowers the cluster size: the largest row then
+    no longer fits the resident kernel, a smaller one takes fewer, larger blocks."""
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
+    monkeypatch.setenv("KDFUSED_CUDA_MAX_CLUSTER", "4")
+    big = make_logits((1, 16384), torch.bfloat16, seed=102)
+    with pytest.raises(RuntimeError, match="the resident kernel does not take this problem"):
+        emulated(big, big, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
+    s = make_logits((3, 2048), torch.bfloat16, seed=103)  # 256 packs: 4 blocks of 32
+    t = make_logits((3, 2048), torch.bfloat16, seed=104)
+    check_against_oracle(s, t, make_labels((3,), 2048, "some"), divergence="jsd")
+    monkeypatch.setenv("KDFUSED_CUDA_MAX_CLUSTER", "0")
+    with pytest.raises(ValueError, match="KDFUSED_CUDA_MAX_CLUSTER must be a positive integer"):
+        emulated(s, t, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_resident_and_streaming_kernels_agree(emulated, monkeypatch, divergence):
+    """The two kernels sum in other orders: equal up to float32 rounding."""
+    s = make_logits((5, 4000), seed=98)
+    t = make_logits((5, 4000), seed=99)
+    y = make_labels((5,), 4000, "some")
+    args = (s, t, y, None, 2.0, 0.5, divergence, 0.5, -100, True, True)
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
+    resident = emulated(*args)
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "stream")
+    streaming = emulated(*args)
+    for a, b in zip(resident, streaming, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "vocab,offset,why",
+    [(1001, 0, "V not a multiple of the pack"), (2056, 1, "rows off pack alignment")],
+)
+def test_resident_kernel_refuses_what_it_cannot_take(emulated, monkeypatch, vocab, offset, why):
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
+    base = make_logits((2 * vocab + offset,), seed=100)
+    s = base[offset:].view(2, vocab)
+    with pytest.raises(RuntimeError, match="the resident kernel does not take this problem"):
+        emulated(s, s, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "auto")
+    check_against_oracle(s, s.flip(1), None, alpha=0.0)  # the streaming kernel takes it
+
+
+def test_unknown_kernel_choice(emulated, monkeypatch):
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "fast")
+    s = make_logits((2, 64), seed=101)
+    with pytest.raises(ValueError, match="KDFUSED_CUDA_KERNEL must be auto, stream or resident"):
+        emulated(s, s, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
+
+
 @pytest.mark.parametrize("s_offset,t_offset", [(1, 1), (3, 3), (1, 2), (0, 5), (7, 0)])
 @pytest.mark.parametrize("t_dtype", [torch.bfloat16, torch.float32])
 def test_offset_views(emulated, s_offset, t_offset, t_dtype):

@@ -7,6 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "../distill_op.h"
 #include "distill_kernel.cuh"
@@ -14,20 +17,116 @@
 namespace kdfused {
 namespace {
 
+using cuda::choose_resident;
+using cuda::distill_resident_kernel;
 using cuda::distill_rows_kernel;
+using cuda::kMaxCluster;
+using cuda::kPortableCluster;
+using cuda::kResidentPacks;
+using cuda::kResidentThreads;
 using cuda::pack_width;
+using cuda::ResidentShape;
 using cuda::threads_for;
+
+// A launch configuration of `rows` clusters of the given shape (not copyable:
+// config points into it).
+struct ClusterLaunch {
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute cluster{};
+
+  ClusterLaunch(int64_t rows, const ResidentShape& shape, cudaStream_t stream) {
+    config.gridDim = dim3(static_cast<unsigned>(rows * shape.cluster));
+    config.blockDim = dim3(static_cast<unsigned>(shape.threads));
+    config.stream = stream;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = static_cast<unsigned>(shape.cluster);
+    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
+// Whether the device schedules clusters of this shape at all (asked once per
+// device and shape).
+template <typename Kernel>
+bool cluster_schedulable(Kernel kernel, const ResidentShape& shape) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int>, bool> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(device, shape.threads, shape.cluster);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  const ClusterLaunch one(1, shape, nullptr);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &one.config) != cudaSuccess) {
+    (void)cudaGetLastError();  // an unsupported shape: not schedulable
+    clusters = 0;
+  }
+  return known[key] = clusters > 0;
+}
+
+// The largest cluster the kernel may take on the current device: 16 where its
+// code was compiled for sm_90 or later (the non-portable size, opted into
+// here), else 1 (older code treats each block as a whole row). Asked once per
+// device, so that graph captures after the first call make no such calls.
+template <typename Kernel>
+int cluster_limit(Kernel kernel) {
+  static std::mutex mutex;
+  static std::map<int, int> known;  // device -> limit
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(device);
+  if (found != known.end()) return found->second;
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const int limit = attributes.binaryVersion >= 90 ? kMaxCluster : 1;
+  if (limit > kPortableCluster) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  }
+  return known[device] = limit;
+}
+
+// The resident kernel's shape for a problem (cluster = 0: the streaming
+// kernel's): the largest cluster allowed, else the next smaller limit while
+// the device cannot schedule the shape.
+template <typename S, typename Tt, typename Kernel>
+ResidentShape resident_shape_for(Kernel kernel, const DistillProblem& prob) {
+  for (int limit = cluster_limit(kernel);; limit /= 2) {
+    const ResidentShape shape = choose_resident(
+        prob.student.const_data_ptr<S>(), prob.student.stride(0), prob.teacher.const_data_ptr<Tt>(),
+        prob.teacher.stride(0), prob.n, prob.v, kResidentPacks, kResidentThreads, limit);
+    if (shape.cluster <= 1 || cluster_schedulable(kernel, shape)) return shape;
+  }
+}
 
 template <typename S, typename Tt>
 void launch(const DistillProblem& prob, const std::optional<at::Tensor>& grad_scale,
             at::Tensor& hard, at::Tensor& soft, at::Tensor& grad, bool compute_grad) {
-  const int threads = threads_for(prob.v, pack_width<S, Tt>());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  distill_rows_kernel<S, Tt><<<static_cast<unsigned>(prob.n), threads, 0, stream>>>(
-      prob.student.const_data_ptr<S>(), prob.teacher.const_data_ptr<Tt>(), prob.student.stride(0),
-      prob.teacher.stride(0), prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr,
-      grad_scale ? grad_scale->const_data_ptr<float>() : nullptr, hard.data_ptr<float>(),
-      soft.data_ptr<float>(), compute_grad ? grad.data_ptr<S>() : nullptr, prob.v, prob.params);
+  const S* student = prob.student.const_data_ptr<S>();
+  const Tt* teacher = prob.teacher.const_data_ptr<Tt>();
+  const int64_t* labels = prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr;
+  const float* scale = grad_scale ? grad_scale->const_data_ptr<float>() : nullptr;
+  S* g = compute_grad ? grad.data_ptr<S>() : nullptr;
+
+  const auto resident = distill_resident_kernel<S, Tt, kResidentPacks>;
+  const ResidentShape shape = resident_shape_for<S, Tt>(resident, prob);
+  if (shape.cluster > 0) {
+    const ClusterLaunch launch(prob.n, shape, stream);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(
+        &launch.config, resident, student, teacher, prob.student.stride(0), prob.teacher.stride(0),
+        labels, scale, hard.data_ptr<float>(), soft.data_ptr<float>(), g, prob.v, prob.params));
+  } else {
+    const int threads = threads_for(prob.v, pack_width<S, Tt>());
+    distill_rows_kernel<S, Tt><<<static_cast<unsigned>(prob.n), threads, 0, stream>>>(
+        student, teacher, prob.student.stride(0), prob.teacher.stride(0), labels, scale,
+        hard.data_ptr<float>(), soft.data_ptr<float>(), g, prob.v, prob.params);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,10 +1,20 @@
-// The CUDA kernel's device code: one thread block per row. Each thread streams
-// its share of the row in 16-byte packs (scalar head and tail where the row is
-// not aligned), keeps a private online-softmax state (kdfused_math.h), and the
-// block merges the states with warp shuffles in a fixed order, so results are
-// bit-identical run to run. Pass 1 gives the row statistics, JSD takes a second
-// pass for its mixture sums, and the last pass writes the gradient. All
-// accumulation is float32.
+// The CUDA kernels' device code. Two kernels, one math (kdfused_math.h):
+//
+// - distill_resident_kernel (the usual one): a row is split over a thread-block
+//   cluster (up to 8 blocks, sm_90) and each thread loads its share of both
+//   rows once, as 16-byte packs kept in registers. The statistics, the JSD sums
+//   and the gradient are all computed from those registers, so each element
+//   costs the byte floor: read student + read teacher + write gradient. Blocks
+//   exchange their partial statistics through distributed shared memory.
+// - distill_rows_kernel (any shape): one block per row; each thread streams its
+//   share in packs (scalar head and tail where the row is not aligned) once per
+//   pass, so the row is read from memory again for the gradient (and for JSD).
+//   Used where the resident kernel does not fit: V not a multiple of the pack
+//   width, rows off pack alignment, V too large for a cluster's registers.
+//
+// Both keep per-thread online-softmax states, merged in a fixed order (warp
+// shuffles, then the cluster in rank order), so results are bit-identical run
+// to run. All accumulation is float32.
 //
 // Kept apart from the launcher (distill_cuda.cu) so that the CPU-only test
 // suite can also run this code, under tests/emulator/ (a thread per CUDA thread).
@@ -13,13 +23,49 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 
+#include "../distill_op.h"
 #include "../kdfused_math.h"
+
+#ifndef KDFUSED_EMULATED
+#include <cooperative_groups.h>
+#endif
 
 namespace kdfused {
 namespace cuda {
+
+#ifndef KDFUSED_EMULATED
+// Thread-block cluster primitives (sm_90 and later). Compiled for an older
+// architecture, every cluster is one block (the launcher then launches no
+// larger cluster: it reads the architecture the kernel was compiled for).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ inline unsigned cluster_blocks() {
+  return cooperative_groups::this_cluster().num_blocks();
+}
+__device__ inline unsigned cluster_rank() {
+  return cooperative_groups::this_cluster().block_rank();
+}
+__device__ inline void cluster_sync() { cooperative_groups::this_cluster().sync(); }
+template <typename T>
+__device__ T* cluster_peer(T* shared, unsigned rank) {
+  return cooperative_groups::this_cluster().map_shared_rank(shared, static_cast<int>(rank));
+}
+#else
+__device__ inline unsigned cluster_blocks() { return 1; }
+__device__ inline unsigned cluster_rank() { return 0; }
+__device__ inline void cluster_sync() { __syncthreads(); }
+template <typename T>
+__device__ T* cluster_peer(T* shared, unsigned) {
+  return shared;
+}
+#endif
+// One block-shared variable (the emulator gives each block of a cluster its own).
+#define KDFUSED_BLOCK_SHARED(Type, name) __shared__ Type name
+#endif
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 512;
@@ -91,6 +137,21 @@ struct Row {
   }
 };
 
+// x, as a value the compiler must assume changed: what is computed from it is
+// computed again rather than kept alive from an earlier use.
+template <typename T>
+__device__ T opaque(T x) {
+#ifdef __CUDA_ARCH__
+  static_assert(sizeof(T) % sizeof(uint32_t) == 0, "whole 32-bit words");
+  uint32_t* words = reinterpret_cast<uint32_t*>(&x);
+#pragma unroll
+  for (int k = 0; k < static_cast<int>(sizeof(T) / sizeof(uint32_t)); ++k) {
+    asm volatile("" : "+r"(words[k]));
+  }
+#endif
+  return x;
+}
+
 // Shuffles a struct of floats down the warp, field by field (through a float
 // view of a local copy: a memcpy version kept the struct in local memory).
 template <typename T>
@@ -122,6 +183,36 @@ __device__ T block_reduce(T x, Merge merge, const T& identity, T* smem) {
   return x;
 }
 
+// Whether a row's label may be read (true without labels). A label outside
+// [0, V) is never read: it stops the kernel with a device-side assert, which
+// the host raises at its next synchronisation; thread 0 prints it first.
+__device__ inline bool label_readable(bool has_labels, int64_t label, int64_t i, int64_t v,
+                                      const LossParams& p, bool print) {
+  const bool label_ok = !has_labels || (label >= 0 && label < v);
+  if (!label_ok && threadIdx.x == 0) {
+    if (print) {
+      printf(
+          "kdfused: labels[%lld] = %lld is outside [0, V) with V = %lld and is not "
+          "ignore_index = %lld\n",
+          static_cast<long long>(i), static_cast<long long>(label), static_cast<long long>(v),
+          static_cast<long long>(p.ignore_index));
+    }
+    CUDA_KERNEL_ASSERT(label_ok);
+  }
+  return label_ok;
+}
+
+// Row i's two loss terms, once its constants are complete (NaN hard term for
+// an unreadable label).
+template <typename S>
+__device__ void write_row_losses(float* hard, float* soft, int64_t i, const S* s_row,
+                                 bool has_labels, int64_t label, bool label_ok, const RowConsts& c,
+                                 const LossParams& p) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  hard[i] = !has_labels ? 0.f : label_ok ? hard_loss(static_cast<float>(s_row[label]), c) : nan;
+  soft[i] = p.soft_scale * c.div;
+}
+
 template <typename S, typename Tt>
 __global__ void __launch_bounds__(kMaxThreads)
     distill_rows_kernel(const S* __restrict__ student, const Tt* __restrict__ teacher,
@@ -151,17 +242,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     return;
   }
-  // A label outside [0, V) is never read: it stops the kernel with a
-  // device-side assert, which the host raises at its next synchronisation.
-  const bool label_ok = !labels || (label >= 0 && label < v);
-  if (!label_ok && threadIdx.x == 0) {
-    printf(
-        "kdfused: labels[%lld] = %lld is outside [0, V) with V = %lld and is not "
-        "ignore_index = %lld\n",
-        static_cast<long long>(i), static_cast<long long>(label), static_cast<long long>(v),
-        static_cast<long long>(p.ignore_index));
-    CUDA_KERNEL_ASSERT(label_ok);
-  }
+  const bool label_ok = label_readable(labels != nullptr, label, i, v, p, true);
 
   const auto merge_stats = [&p](const RowStats& a, const RowStats& b) {
     return stats_merge(a, b, p.inv_t);
@@ -191,11 +272,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     c = consts_smem;
   }
 
-  if (threadIdx.x == 0) {
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    hard[i] = !labels ? 0.f : label_ok ? hard_loss(static_cast<float>(row.s[label]), c) : nan;
-    soft[i] = p.soft_scale * c.div;
-  }
+  if (threadIdx.x == 0)
+    write_row_losses(hard, soft, i, row.s, labels != nullptr, label, label_ok, c, p);
   if (row.g) {
     const float scale = grad_scale ? *grad_scale : 1.f;
     row.for_each([&](int64_t j, const float* s, const float* t, auto n) {
@@ -207,6 +285,231 @@ __global__ void __launch_bounds__(kMaxThreads)
       *reinterpret_cast<Pack<S, decltype(n)::value>*>(row.g + j) = out;
     });
   }
+}
+
+// The resident kernel's shape on the GPU: K packs per thread and input (32
+// registers of logits whatever the dtypes; with 8, ptxas spills), at most 512
+// threads per block (256 preferred: at 128 registers per thread two blocks
+// then share a multiprocessor, one loading while the other computes), at most
+// 16 blocks per cluster (8 is the portable limit; 16 where the hardware
+// schedules it). Together: V up to 262144 for 16-bit logits, 131072 for
+// float32.
+constexpr int kResidentPacks = 4;
+constexpr int kResidentThreads = 512;
+constexpr int kPortableCluster = 8;
+constexpr int kMaxCluster = 16;
+
+struct ResidentShared {
+  RowStats stats[kMaxWarps];  // block_reduce's partials
+  JsdSums jsd[kMaxWarps];
+  RowStats block_stats;  // this block's share of the row, read by the whole cluster
+  JsdSums block_jsd;
+  RowConsts consts;
+};
+
+// One row per cluster of cluster_blocks() blocks; block r holds packs
+// [r T K, (r + 1) T K) of the row (T threads, K packs each, pack k of thread x
+// at r T K + k T + x: each load instruction of a warp reads 512 contiguous
+// bytes). Needs V a multiple of the pack width W and every row start
+// pack-aligned (the launcher checks). Packs past the row end hold -inf in both
+// inputs, which adds nothing to any sum.
+template <typename S, typename Tt, int K>
+__global__ void __launch_bounds__(kResidentThreads, 1)
+    distill_resident_kernel(const S* __restrict__ student, const Tt* __restrict__ teacher,
+                            int64_t s_stride, int64_t t_stride, const int64_t* __restrict__ labels,
+                            const float* __restrict__ grad_scale, float* __restrict__ hard,
+                            float* __restrict__ soft, S* __restrict__ grad, int64_t v,
+                            const LossParams p) {
+  constexpr int W = pack_width<S, Tt>();
+  KDFUSED_BLOCK_SHARED(ResidentShared, sh);
+  const unsigned blocks = cluster_blocks();
+  const unsigned rank = cluster_rank();
+  const int64_t i = blockIdx.x / blocks;
+  const S* s_row = student + i * s_stride;
+  const Tt* t_row = teacher + i * t_stride;
+  S* g_row = grad ? grad + i * v : nullptr;
+  const int64_t packs = v / W;
+  const int64_t first = static_cast<int64_t>(rank) * blockDim.x * K + threadIdx.x;
+  const auto pack_at = [&](int k) { return first + static_cast<int64_t>(k) * blockDim.x; };
+
+  const int64_t label = labels ? labels[i] : -1;
+  if (labels && label == p.ignore_index) {
+    if (rank == 0 && threadIdx.x == 0) hard[i] = soft[i] = 0.f;
+    if (g_row) {
+      Pack<S, W> zeros;
+#pragma unroll
+      for (int w = 0; w < W; ++w) zeros.v[w] = S(0.f);
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (pack_at(k) < packs) *reinterpret_cast<Pack<S, W>*>(g_row + pack_at(k) * W) = zeros;
+      }
+    }
+    return;  // the whole cluster takes this branch
+  }
+  const bool label_ok = label_readable(labels != nullptr, label, i, v, p, rank == 0);
+
+  // All loads first, so that 2 K of them are in flight per thread.
+  Pack<S, W> sp[K];
+  Pack<Tt, W> tp[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (pack_at(k) < packs) {
+      sp[k] = *reinterpret_cast<const Pack<S, W>*>(s_row + pack_at(k) * W);
+      tp[k] = *reinterpret_cast<const Pack<Tt, W>*>(t_row + pack_at(k) * W);
+    } else {
+#pragma unroll
+      for (int w = 0; w < W; ++w) {
+        sp[k].v[w] = S(neg_inf());
+        tp[k].v[w] = Tt(neg_inf());
+      }
+    }
+  }
+  // Calls f(s, t, column) on every element this thread holds (padding too).
+  // The packs are converted again in each pass (opaque): kept as floats
+  // across passes they would take twice the registers and spill.
+  const auto for_each = [&](auto&& f) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const Pack<S, W> sk = opaque(sp[k]);
+      const Pack<Tt, W> tk = opaque(tp[k]);
+#pragma unroll
+      for (int w = 0; w < W; ++w) {
+        f(static_cast<float>(sk.v[w]), static_cast<float>(tk.v[w]), pack_at(k) * W + w);
+      }
+    }
+  };
+
+  // Statistics: this thread's maxima first (its elements are all at hand, so
+  // the sums never need rescaling), then the sums, then block and cluster.
+  RowStats st = stats_empty();
+  {
+    float cms = neg_inf(), cmt = neg_inf(), t_at = neg_inf();
+    for_each([&](float s, float t, int64_t) {
+      if (s > cms) {
+        cms = s;
+        t_at = t;
+      }
+      cmt = max_keep(cmt, t);
+    });
+    stats_raise(st, cms, cmt, t_at, p.inv_t);
+  }
+  const Z1 z1_how = z1_mode(p);
+  for_each([&](float s, float t, int64_t) { stats_accumulate(st, s, t, p.inv_t, z1_how); });
+  const auto merge_stats = [&p](const RowStats& a, const RowStats& b) {
+    return stats_merge(a, b, p.inv_t);
+  };
+  st = block_reduce(st, merge_stats, stats_empty(), sh.stats);
+  if (threadIdx.x == 0) sh.block_stats = st;
+  cluster_sync();
+  if (threadIdx.x == 0) {
+    // Every block merges the same states in the same order: equal constants.
+    RowStats all = *cluster_peer(&sh.block_stats, 0);
+    for (unsigned r = 1; r < blocks; ++r) {
+      all = stats_merge(all, *cluster_peer(&sh.block_stats, r), p.inv_t);
+    }
+    sh.consts = row_consts(all, p);
+  }
+  cluster_sync();  // consts ready; and no block leaves while a peer still reads it
+  RowConsts c = sh.consts;
+
+  if (p.div == Divergence::kJSD) {
+    JsdSums acc{0.f, 0.f};
+    for_each([&](float s, float t, int64_t) { jsd_accumulate(acc, s, t, c, p); });
+    const auto merge_jsd = [](const JsdSums& a, const JsdSums& b) { return jsd_merge(a, b); };
+    acc = block_reduce(acc, merge_jsd, JsdSums{0.f, 0.f}, sh.jsd);
+    if (threadIdx.x == 0) sh.block_jsd = acc;
+    cluster_sync();
+    if (threadIdx.x == 0) {
+      JsdSums all = *cluster_peer(&sh.block_jsd, 0);
+      for (unsigned r = 1; r < blocks; ++r) all = jsd_merge(all, *cluster_peer(&sh.block_jsd, r));
+      jsd_finish(sh.consts, all, p);
+    }
+    cluster_sync();
+    c = sh.consts;
+  }
+
+  if (rank == 0 && threadIdx.x == 0) {
+    write_row_losses(hard, soft, i, s_row, labels != nullptr, label, label_ok, c, p);
+  }
+  if (g_row) {
+    const float scale = grad_scale ? *grad_scale : 1.f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (pack_at(k) >= packs) continue;
+      Pack<S, W> out;
+#pragma unroll
+      for (int w = 0; w < W; ++w) {
+        const float s = static_cast<float>(sp[k].v[w]);
+        const float t = static_cast<float>(tp[k].v[w]);
+        out.v[w] = static_cast<S>(scale * grad_element(s, t, pack_at(k) * W + w == label, c, p));
+      }
+      *reinterpret_cast<Pack<S, W>*>(g_row + pack_at(k) * W) = out;
+    }
+  }
+}
+
+// How the resident kernel covers a row of `packs` packs at k packs per
+// thread: the smallest cluster (1, 2, 4, ... up to max_cluster blocks) of
+// blocks of at most max_threads / 2 threads that holds it, else of at most
+// max_threads, and just enough threads (whole warps). cluster = 0: the row
+// does not fit.
+struct ResidentShape {
+  int threads = 0;
+  int cluster = 0;
+};
+
+inline ResidentShape resident_shape(int64_t packs, int k, int max_threads, int max_cluster) {
+  for (int cap : {max_threads / 2, max_threads}) {
+    for (int c = 1; c <= max_cluster; c *= 2) {
+      const int64_t per_block = (packs + c - 1) / c;
+      if (per_block <= static_cast<int64_t>(cap) * k) {
+        const int64_t threads = (per_block + k - 1) / k;
+        const int64_t warps = std::max<int64_t>(1, (threads + kWarpSize - 1) / kWarpSize);
+        return ResidentShape{static_cast<int>(warps * kWarpSize), c};
+      }
+    }
+  }
+  return ResidentShape{};
+}
+
+// Whether every row of a (rows x ?) view with this stride starts on a
+// boundary of `width` elements of type T.
+template <typename T>
+bool rows_aligned(const T* base, int64_t stride, int width) {
+  return reinterpret_cast<uintptr_t>(base) % (sizeof(T) * width) == 0 && stride % width == 0;
+}
+
+// The resident kernel's shape for a problem, or cluster = 0 for the streaming
+// kernel. KDFUSED_CUDA_KERNEL=stream forces the streaming kernel and =resident
+// insists on the resident one; KDFUSED_CUDA_MAX_CLUSTER lowers max_cluster
+// (for tests and benchmarks). By default the resident kernel takes what fits.
+template <typename S, typename Tt>
+ResidentShape choose_resident(const S* student, int64_t s_stride, const Tt* teacher,
+                              int64_t t_stride, int64_t n, int64_t v, int k, int max_threads,
+                              int max_cluster) {
+  constexpr int W = pack_width<S, Tt>();
+  const char* env = std::getenv("KDFUSED_CUDA_KERNEL");
+  const std::string mode = env ? env : "auto";
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "stream" || mode == "resident",
+                    "kdfused: KDFUSED_CUDA_KERNEL must be auto, stream or resident, got '", mode,
+                    "'");
+  if (mode == "stream") return ResidentShape{};
+  if (const char* cap = std::getenv("KDFUSED_CUDA_MAX_CLUSTER")) {
+    const int blocks = std::atoi(cap);
+    TORCH_CHECK_VALUE(blocks >= 1, "kdfused: KDFUSED_CUDA_MAX_CLUSTER must be a positive integer");
+    max_cluster = std::min(max_cluster, blocks);
+  }
+  ResidentShape shape;
+  if (v % W == 0 && rows_aligned(student, s_stride, W) && rows_aligned(teacher, t_stride, W)) {
+    shape = resident_shape(v / W, k, max_threads, max_cluster);
+  }
+  if (n * shape.cluster > std::numeric_limits<int32_t>::max()) shape = ResidentShape{};
+  TORCH_CHECK(mode != "resident" || shape.cluster > 0,
+              "kdfused: KDFUSED_CUDA_KERNEL=resident, but the resident kernel does not take this "
+              "problem (it needs V a multiple of ",
+              text(static_cast<int64_t>(W)),
+              ", pack-aligned rows and V small enough for one cluster)");
+  return shape;
 }
 
 // Threads per row: enough for about one pack each on short rows, at most
