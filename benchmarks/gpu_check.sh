@@ -80,5 +80,25 @@ stage "sweep over V and N (no torch.compile: it recompiles for every shape)"
 bench 120 --sizes "${GPU_CHECK_SWEEP:-8192x32000,8192x65536,8192x262144,1024x128256,2048x128256,16384x128256}" \
   --providers kdfused,kdfused-stream,eager,liger
 
+stage "ncu: one launch of each kernel at 8192 x 128256 bf16 (what limits it)"
+if command -v ncu > /dev/null; then
+  cat > /tmp/one_step.py <<'PY'
+import os, torch, kdfused
+s = torch.randn(8192, 128256, device="cuda", dtype=torch.bfloat16).mul_(3)
+t = torch.randn(8192, 128256, device="cuda", dtype=torch.bfloat16).mul_(3)
+y = torch.randint(0, 128256, (8192,), device="cuda")
+for kernel in ("auto", "auto", "stream", "stream"):
+    os.environ["KDFUSED_CUDA_KERNEL"] = kernel
+    torch.ops.kdfused.distill_forward.default(s, t, y, None, 2.0, 0.5, "forward_kl", 0.5, -100, True, True)
+torch.cuda.synchronize()
+PY
+  timeout 90 ncu --clock-control none -k regex:distill --launch-skip 1 --launch-count 3 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    python3 /tmp/one_step.py > "$out/ncu.txt" 2>&1
+  grep -E "distill_|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Block Size|Cluster Size" "$out/ncu.txt" | head -40
+else
+  echo "no ncu on this machine"
+fi
+
 stage "done: status $status"
 exit $status
