@@ -54,12 +54,17 @@ else
   # CPU cases ran in CI; the emulator's tests stand in for a GPU.)
   test_args=(tests -m "not emulated" -k cuda)
 fi
+# KDFUSED_CUDA_KERNEL=auto: the register-resident kernel wherever it fits, the
+# streaming one elsewhere (odd V, offset views) and where a test forces it;
+# the default once this passes (csrc/cuda/distill_kernel.cuh).
+export KDFUSED_CUDA_KERNEL=auto
 # pytest-xdist (on the GPU machine's image) spreads the suite over 8 workers,
 # two CPU threads each (16 threads per worker starved the 16 cores).
 python3 -c "import xdist" 2>/dev/null && test_args=(-n 8 "${test_args[@]}")
 OMP_NUM_THREADS=2 timeout 180 python3 -m pytest -q -ra -p no:cacheprovider "${test_args[@]}" 2>&1 \
   | tee "$out/pytest.log" | grep -v "^SKIPPED" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+unset KDFUSED_CUDA_KERNEL
 
 bench() {  # bench SECONDS ARGS...: one run of the CLI, appended to bench.csv / bench.md
   local limit=$1
@@ -71,14 +76,14 @@ bench() {  # bench SECONDS ARGS...: one run of the CLI, appended to bench.csv / 
 
 stage "benchmark"
 sizes=${GPU_CHECK_SIZES:-8192x128256,4096x32000}
-bench 150 --sizes "$sizes" --providers kdfused,kdfused-c8,kdfused-stream,eager,compile,liger
+bench 150 --sizes "$sizes" --providers kdfused,kdfused-resident,kdfused-resident-c8,eager,compile,liger
 for div in reverse_kl jsd; do
-  bench 60 --sizes "$sizes" --divergence $div --providers kdfused,kdfused-stream,liger
+  bench 60 --sizes "$sizes" --divergence $div --providers kdfused,kdfused-resident,liger
 done
 
 stage "sweep over V and N (no torch.compile: it recompiles for every shape)"
 bench 120 --sizes "${GPU_CHECK_SWEEP:-8192x32000,8192x65536,8192x262144,1024x128256,2048x128256,16384x128256}" \
-  --providers kdfused,kdfused-stream,eager,liger
+  --providers kdfused,kdfused-resident,eager,liger
 
 stage "ncu: one launch of each kernel at 8192 x 128256 bf16 (what limits it)"
 if command -v ncu > /dev/null; then
@@ -87,7 +92,7 @@ import os, torch, kdfused
 s = torch.randn(8192, 128256, device="cuda", dtype=torch.bfloat16).mul_(3)
 t = torch.randn(8192, 128256, device="cuda", dtype=torch.bfloat16).mul_(3)
 y = torch.randint(0, 128256, (8192,), device="cuda")
-for kernel in ("auto", "auto", "stream", "stream"):
+for kernel in ("auto", "auto", "stream", "stream"):  # resident, streaming
     os.environ["KDFUSED_CUDA_KERNEL"] = kernel
     torch.ops.kdfused.distill_forward.default(s, t, y, None, 2.0, 0.5, "forward_kl", 0.5, -100, True, True)
 torch.cuda.synchronize()

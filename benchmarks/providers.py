@@ -58,8 +58,8 @@ def _kdfused(opts: LossOptions):
 
 
 def _kdfused_with(**env: str):
-    """kdfused with a CUDA kernel choice forced through the environment (the
-    variants the default replaced, kept for side-by-side timings)."""
+    """kdfused with a CUDA kernel choice forced through the environment, for
+    side-by-side timings of the kernel variants."""
 
     def make(opts: LossOptions):
         loss = _kdfused(opts)
@@ -133,10 +133,14 @@ PROVIDERS = {
     p.name: p
     for p in (
         Provider("kdfused", _kdfused),
-        # The streaming kernel (a second read of each row), and the resident
-        # kernel in clusters of at most 8 blocks (512 threads at V = 128256).
-        Provider("kdfused-stream", _kdfused_with(KDFUSED_CUDA_KERNEL="stream"), _cuda_only),
-        Provider("kdfused-c8", _kdfused_with(KDFUSED_CUDA_MAX_CLUSTER="8"), _cuda_only),
+        # The register-resident CUDA kernel (opt-in until it has run on a GPU),
+        # also in clusters of at most 8 blocks (512 threads at V = 128256).
+        Provider("kdfused-resident", _kdfused_with(KDFUSED_CUDA_KERNEL="auto"), _cuda_only),
+        Provider(
+            "kdfused-resident-c8",
+            _kdfused_with(KDFUSED_CUDA_KERNEL="auto", KDFUSED_CUDA_MAX_CLUSTER="8"),
+            _cuda_only,
+        ),
         Provider("eager", _eager),
         Provider("compile", _compiled),
         Provider("liger", _liger, _liger_missing),

@@ -156,10 +156,11 @@ def test_cuda_graph_capture(divergence):
         torch.testing.assert_close(static_s.grad, grad, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("vocab", [50001, 128256])  # the streaming kernel; the resident one
+@pytest.mark.parametrize("kernel,vocab", [("stream", 50001), ("resident", 128256)])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_deterministic(vocab, divergence):
+def test_deterministic(monkeypatch, kernel, vocab, divergence):
     """No atomics: two runs are bit-identical, loss and gradient."""
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", kernel)
     s = make_logits((33, vocab), torch.bfloat16, "cuda", seed=76)
     t = make_logits((33, vocab), torch.bfloat16, "cuda", seed=77)
     y = make_labels((33,), vocab, device="cuda")

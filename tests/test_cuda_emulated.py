@@ -63,7 +63,16 @@ def _route_to_emulator(patch):
 
 
 @pytest.fixture
-def emulated(monkeypatch):
+def emulator(monkeypatch):
+    """The op routed to the emulator (tests that choose the kernel themselves)."""
+    return _route_to_emulator(monkeypatch)
+
+
+@pytest.fixture(params=["stream", "auto"])
+def emulated(request, monkeypatch):
+    """The op routed to the emulator, once with the streaming kernel (the
+    default) and once with the resident kernel wherever it fits."""
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", request.param)
     return _route_to_emulator(monkeypatch)
 
 
@@ -92,7 +101,7 @@ def test_sizes_and_dtypes(emulated, n, vocab, dtype, divergence):
     ],
 )
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_resident_kernel(emulated, monkeypatch, n, vocab, dtype, divergence):
+def test_resident_kernel(emulator, monkeypatch, n, vocab, dtype, divergence):
     """The register-resident kernel (forced: an error if it did not take the
     problem), with rows split over clusters of 1 to 16 blocks."""
     monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
@@ -102,33 +111,33 @@ def test_resident_kernel(emulated, monkeypatch, n, vocab, dtype, divergence):
     check_against_oracle(s, t, y, divergence=divergence, temperature=2.0)
 
 
-def test_cluster_limit(emulated, monkeypatch):
+def test_cluster_limit(emulator, monkeypatch):
     """KDFUSED_CUDA_MAX_CLUSTER lowers the cluster size: the largest row then
     no longer fits the resident kernel, a smaller one takes fewer, larger blocks."""
     monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
     monkeypatch.setenv("KDFUSED_CUDA_MAX_CLUSTER", "4")
     big = make_logits((1, 16384), torch.bfloat16, seed=102)
     with pytest.raises(RuntimeError, match="the resident kernel does not take this problem"):
-        emulated(big, big, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
+        emulator(big, big, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
     s = make_logits((3, 2048), torch.bfloat16, seed=103)  # 256 packs: 4 blocks of 32
     t = make_logits((3, 2048), torch.bfloat16, seed=104)
     check_against_oracle(s, t, make_labels((3,), 2048, "some"), divergence="jsd")
     monkeypatch.setenv("KDFUSED_CUDA_MAX_CLUSTER", "0")
     with pytest.raises(ValueError, match="KDFUSED_CUDA_MAX_CLUSTER must be a positive integer"):
-        emulated(s, t, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
+        emulator(s, t, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_resident_and_streaming_kernels_agree(emulated, monkeypatch, divergence):
+def test_resident_and_streaming_kernels_agree(emulator, monkeypatch, divergence):
     """The two kernels sum in other orders: equal up to float32 rounding."""
     s = make_logits((5, 4000), seed=98)
     t = make_logits((5, 4000), seed=99)
     y = make_labels((5,), 4000, "some")
     args = (s, t, y, None, 2.0, 0.5, divergence, 0.5, -100, True, True)
     monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
-    resident = emulated(*args)
+    resident = emulator(*args)
     monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "stream")
-    streaming = emulated(*args)
+    streaming = emulator(*args)
     for a, b in zip(resident, streaming, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
@@ -137,21 +146,35 @@ def test_resident_and_streaming_kernels_agree(emulated, monkeypatch, divergence)
     "vocab,offset,why",
     [(1001, 0, "V not a multiple of the pack"), (2056, 1, "rows off pack alignment")],
 )
-def test_resident_kernel_refuses_what_it_cannot_take(emulated, monkeypatch, vocab, offset, why):
+def test_resident_kernel_refuses_what_it_cannot_take(emulator, monkeypatch, vocab, offset, why):
     monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
     base = make_logits((2 * vocab + offset,), seed=100)
     s = base[offset:].view(2, vocab)
     with pytest.raises(RuntimeError, match="the resident kernel does not take this problem"):
-        emulated(s, s, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
+        emulator(s, s, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
     monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "auto")
     check_against_oracle(s, s.flip(1), None, alpha=0.0)  # the streaming kernel takes it
 
 
-def test_unknown_kernel_choice(emulated, monkeypatch):
+def test_default_is_the_streaming_kernel(emulator, monkeypatch):
+    """Unset, KDFUSED_CUDA_KERNEL means stream until the resident kernel has
+    passed the CUDA suite on a GPU (csrc/cuda/distill_kernel.cuh)."""
+    s = make_logits((3, 4000), seed=105)
+    t = make_logits((3, 4000), seed=106)
+    args = (s, t, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
+    monkeypatch.delenv("KDFUSED_CUDA_KERNEL", raising=False)
+    default = emulator(*args)
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "stream")
+    streaming = emulator(*args)
+    for a, b in zip(default, streaming, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_unknown_kernel_choice(emulator, monkeypatch):
     monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "fast")
     s = make_logits((2, 64), seed=101)
-    with pytest.raises(ValueError, match="KDFUSED_CUDA_KERNEL must be auto, stream or resident"):
-        emulated(s, s, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
+    with pytest.raises(ValueError, match="KDFUSED_CUDA_KERNEL must be stream, auto or resident"):
+        emulator(s, s, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
 
 
 @pytest.mark.parametrize("s_offset,t_offset", [(1, 1), (3, 3), (1, 2), (0, 5), (7, 0)])
@@ -259,5 +282,6 @@ def test_property(problem):
     (A context manager, not the fixture: hypothesis reruns the body.)"""
     s, t, labels, upstream, options = problem
     with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KDFUSED_CUDA_KERNEL", "auto")  # the resident kernel wherever it fits
         _route_to_emulator(patch)
         check_against_oracle(s, t, labels, upstream, **options)

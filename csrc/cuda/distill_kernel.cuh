@@ -1,16 +1,18 @@
 // The CUDA kernels' device code. Two kernels, one math (kdfused_math.h):
 //
-// - distill_resident_kernel (the usual one): a row is split over a thread-block
-//   cluster (up to 8 blocks, sm_90) and each thread loads its share of both
-//   rows once, as 16-byte packs kept in registers. The statistics, the JSD sums
-//   and the gradient are all computed from those registers, so each element
-//   costs the byte floor: read student + read teacher + write gradient. Blocks
-//   exchange their partial statistics through distributed shared memory.
-// - distill_rows_kernel (any shape): one block per row; each thread streams its
-//   share in packs (scalar head and tail where the row is not aligned) once per
-//   pass, so the row is read from memory again for the gradient (and for JSD).
-//   Used where the resident kernel does not fit: V not a multiple of the pack
-//   width, rows off pack alignment, V too large for a cluster's registers.
+// - distill_resident_kernel (opt-in until it has run on a GPU, see
+//   kDefaultCudaKernel): a row is split over a thread-block cluster (up to 16
+//   blocks on sm_90) and each thread loads its share of both rows once, as
+//   16-byte packs kept in registers. The statistics, the JSD sums and the
+//   gradient are all computed from those registers, so each element costs the
+//   byte floor: read student + read teacher + write gradient. Blocks exchange
+//   their partial statistics through distributed shared memory.
+// - distill_rows_kernel (any shape; the default): one block per row; each
+//   thread streams its share in packs (scalar head and tail where the row is
+//   not aligned) once per pass, so the row is read from memory again for the
+//   gradient (and for JSD). It also takes what the resident kernel cannot: V
+//   not a multiple of the pack width, rows off pack alignment, V too large
+//   for a cluster's registers.
 //
 // Both keep per-thread online-softmax states, merged in a fixed order (warp
 // shuffles, then the cluster in rank order), so results are bit-identical run
@@ -479,19 +481,26 @@ bool rows_aligned(const T* base, int64_t stride, int width) {
   return reinterpret_cast<uintptr_t>(base) % (sizeof(T) * width) == 0 && stride % width == 0;
 }
 
+// Which kernel runs when KDFUSED_CUDA_KERNEL is unset. The streaming kernel
+// until the resident one has passed the CUDA suite on a GPU: it was written
+// after the only GPU run so far and is checked by the emulator alone
+// (notes/gpu-tuning.md). Then this becomes "auto".
+constexpr const char* kDefaultCudaKernel = "stream";
+
 // The resident kernel's shape for a problem, or cluster = 0 for the streaming
-// kernel. KDFUSED_CUDA_KERNEL=stream forces the streaming kernel and =resident
-// insists on the resident one; KDFUSED_CUDA_MAX_CLUSTER lowers max_cluster
-// (for tests and benchmarks). By default the resident kernel takes what fits.
+// kernel. KDFUSED_CUDA_KERNEL: stream (the streaming kernel), auto (the
+// resident kernel wherever it fits, else the streaming one) or resident (the
+// resident kernel, an error where it does not fit); KDFUSED_CUDA_MAX_CLUSTER
+// lowers max_cluster. Both for tests and benchmarks.
 template <typename S, typename Tt>
 ResidentShape choose_resident(const S* student, int64_t s_stride, const Tt* teacher,
                               int64_t t_stride, int64_t n, int64_t v, int k, int max_threads,
                               int max_cluster) {
   constexpr int W = pack_width<S, Tt>();
   const char* env = std::getenv("KDFUSED_CUDA_KERNEL");
-  const std::string mode = env ? env : "auto";
+  const std::string mode = env ? env : kDefaultCudaKernel;
   TORCH_CHECK_VALUE(mode == "auto" || mode == "stream" || mode == "resident",
-                    "kdfused: KDFUSED_CUDA_KERNEL must be auto, stream or resident, got '", mode,
+                    "kdfused: KDFUSED_CUDA_KERNEL must be stream, auto or resident, got '", mode,
                     "'");
   if (mode == "stream") return ResidentShape{};
   if (const char* cap = std::getenv("KDFUSED_CUDA_MAX_CLUSTER")) {
