@@ -33,7 +33,8 @@ def plain_loss(student, teacher, labels, opts: LossOptions):
     """The loss as users write it in PyTorch: float32 upcast, log-softmaxes,
     F.kl_div per row, cross-entropy, masked mean over the counted rows."""
     t_ = opts.temperature
-    s32, t32 = student.float(), teacher.float()
+    wide = torch.promote_types(student.dtype, torch.float32)  # float32, or float64 kept
+    s32, t32 = student.to(wide), teacher.to(wide)
     counted = labels != opts.ignore_index
     hard = F.cross_entropy(s32, labels, ignore_index=opts.ignore_index)
     log_ps = F.log_softmax(s32 / t_, dim=-1)

@@ -123,36 +123,44 @@ def make_inputs(n, v, dtype, device, seed=0):
     return student, teacher, labels
 
 
-def bench_one(loss_fn, inputs, mode, device, warmup, reps):
-    """(median seconds, peak bytes of one full step)."""
+def make_step(loss_fn, inputs, mode):
+    """(prepare, timed) for one `mode` of a training step: prepare() is the
+    untimed part (clears the gradient; for "backward" it also runs the
+    forward), then timed() is what is measured."""
     student, teacher, labels = inputs
     s = student.detach().clone().requires_grad_()
-    timer = Timer(device)
+    pending = []  # the loss whose graph "backward" runs
 
-    losses = []  # the forward mode's output, kept for the untimed backward
+    def prepare():
+        s.grad = None
+        pending.clear()
+        if mode == "backward":
+            pending.append(loss_fn(s, teacher, labels))
 
     def forward():
-        losses.append(loss_fn(s, teacher, labels))
+        return loss_fn(s, teacher, labels)
 
     def full():
-        s.grad = None
-        forward()
-        losses.pop().backward()
+        forward().backward()
 
+    def backward():
+        pending.pop().backward()
+
+    return prepare, {"forward": forward, "backward": backward, "full": full}[mode]
+
+
+def bench_one(loss_fn, inputs, mode, device, warmup, reps):
+    """(median seconds, peak bytes of one full step)."""
+    prepare, timed = make_step(loss_fn, inputs, mode)
+    timer = Timer(device)
     times = []
     for i in range(warmup + reps):
-        s.grad = None
-        if mode == "full":
-            elapsed = timer(full)
-        elif mode == "forward":
-            elapsed = timer(forward)
-            losses.pop().backward()
-        else:
-            forward()
-            elapsed = timer(losses.pop().backward)
+        prepare()
+        elapsed = timer(timed)
         if i >= warmup:
             times.append(elapsed)
-    s.grad = None
+    prepare_full, full = make_step(loss_fn, inputs, "full")
+    prepare_full()
     peak = PeakMemory(device)(full)
     return statistics.median(times), peak
 

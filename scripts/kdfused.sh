@@ -5,6 +5,7 @@
 #
 #   bash scripts/kdfused.sh demo [demo options]   # python -m kdfused.demo
 #   bash scripts/kdfused.sh test [pytest options] # the whole test suite
+#   bash scripts/kdfused.sh bench [pytest options] # the pytest-benchmark suite
 #
 # Environment: PYTHON (interpreter for the venv, default python3), KDFUSED_VENV
 # (default .venv in the repo), KDFUSED_TORCH (pip requirement used when torch is
@@ -15,8 +16,8 @@ cd "$(dirname "$0")/.."
 what=${1:-}
 case "$what" in
   demo) extra=demo ;;
-  test) extra=test ;;
-  *) echo "usage: bash scripts/kdfused.sh demo|test [options]" >&2; exit 2 ;;
+  test | bench) extra=test ;;  # one venv and build for both
+  *) echo "usage: bash scripts/kdfused.sh demo|test|bench [options]" >&2; exit 2 ;;
 esac
 shift
 
@@ -48,4 +49,7 @@ if [ "$what" = demo ]; then
   exec "$py" -m kdfused.demo "$@"
 fi
 # -ra prints the reason of every skipped test.
+if [ "$what" = bench ]; then
+  exec "$py" -m pytest -ra -q -p no:cacheprovider benchmarks/test_bench.py "$@"
+fi
 exec "$py" -m pytest -ra -q "$@"

@@ -1,0 +1,107 @@
+"""The pytest-benchmark suite: provider x mode x size, with the providers and
+the step definitions of the CLI (benchmarks/run.py), timed by pytest-benchmark.
+
+    bash scripts/kdfused.sh bench                       # this machine's sizes
+    KDFUSED_BENCH_SIZES=2048x128256 KDFUSED_BENCH_DTYPE=bfloat16 \\
+        bash scripts/kdfused.sh bench --benchmark-json out.json
+
+Defaults: on CPU float32 at 512 x 32000 and 128 x 128256, on CUDA bfloat16 at
+8192 x 128256 and 4096 x 32000 (KDFUSED_BENCH_DEVICE picks the device). Each
+case first checks that the provider computes the loss being compared (against
+the plain loss in float64), so a fast wrong loss fails rather than wins. Every
+row's extra_info names the device, torch, dtype, sizes and commit, and gives
+the peak memory of one full step in N x V student-dtype buffers; kdfused's full
+steps also give the share of the copy bandwidth (measured in the same session)
+achieved against the byte floor of 3 N V element sizes.
+"""
+
+import functools
+import os
+
+import pytest
+import torch
+
+from .providers import PROVIDERS, LossOptions, plain_loss
+from .run import (
+    DTYPES,
+    MODES,
+    PeakMemory,
+    commit,
+    copy_bandwidth,
+    device_name,
+    make_inputs,
+    make_step,
+    parse_sizes,
+)
+
+DEVICE = os.environ.get("KDFUSED_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+ON_CUDA = DEVICE == "cuda"
+DTYPE = os.environ.get("KDFUSED_BENCH_DTYPE", "bfloat16" if ON_CUDA else "float32")
+SIZES = parse_sizes(
+    os.environ.get(
+        "KDFUSED_BENCH_SIZES", "8192x128256,4096x32000" if ON_CUDA else "512x32000,128x128256"
+    )
+)
+OPTIONS = LossOptions(temperature=2.0, alpha=0.5, divergence="forward_kl")
+
+
+@functools.cache
+def inputs_for(n, v):
+    return make_inputs(n, v, DTYPES[DTYPE], DEVICE)
+
+
+@functools.cache
+def copy_bytes_per_second(n, v):
+    return copy_bandwidth(n, v, DTYPES[DTYPE], DEVICE, reps=5)
+
+
+def synchronised(fn):
+    if not ON_CUDA:
+        return fn
+
+    def call():
+        fn()
+        torch.cuda.synchronize()
+
+    return call
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda nv: f"{nv[0]}x{nv[1]}")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_distill_step(benchmark, provider, mode, size):
+    why = PROVIDERS[provider].missing(DEVICE)
+    if why:
+        pytest.skip(f"{provider}: {why}")
+    n, v = size
+    inputs = inputs_for(n, v)
+    loss_fn = PROVIDERS[provider].make(OPTIONS)
+
+    # The loss being timed is the loss being compared (float64 plain loss as
+    # the yardstick; 1e-3 is far below any difference of options or scale).
+    student, teacher, labels = inputs
+    got = loss_fn(student, teacher, labels)
+    want = plain_loss(student.double(), teacher.double(), labels, OPTIONS)
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=0)
+
+    prepare, timed = make_step(loss_fn, inputs, mode)
+    benchmark.pedantic(synchronised(timed), setup=synchronised(prepare), rounds=5, warmup_rounds=1)
+    prepare_full, full = make_step(loss_fn, inputs, "full")
+    prepare_full()
+    peak = PeakMemory(DEVICE)(full)
+    element = student.element_size()
+    benchmark.extra_info.update(
+        device=device_name(DEVICE),
+        torch=torch.__version__,
+        commit=commit(),
+        dtype=DTYPE,
+        n=n,
+        v=v,
+        peak_nv=round(peak / (n * v * element), 2),
+    )
+    if provider.startswith("kdfused") and mode == "full" and benchmark.stats:
+        floor = 3 * n * v * element
+        seconds = benchmark.stats.stats.median
+        benchmark.extra_info["pct_of_copy"] = round(
+            100 * floor / seconds / copy_bytes_per_second(n, v), 1
+        )
