@@ -1,0 +1,54 @@
+"""The benchmark tools themselves (benchmarks/run.py and plot.py) on tiny sizes:
+the rows they write and the plot they draw. (The speed itself is measured by
+the benchmarks, never asserted by a test.)"""
+
+import csv
+
+import pytest
+
+from benchmarks import plot, run
+
+
+@pytest.fixture(scope="module")
+def bench_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "rows.csv"
+    run.main(
+        ["--device", "cpu", "--sizes", "8x64,8x128,16x64", "--providers", "kdfused,eager"]
+        + ["--modes", "forward,full", "--warmup", "0", "--reps", "1", "--csv", str(path)]
+    )
+    return path
+
+
+def test_rows_name_their_conditions(bench_csv):
+    with open(bench_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 2 * 2  # sizes x providers x modes
+    for row in rows:
+        assert row["device"] and row["torch"] and row["commit"] and row["date"]
+        assert row["dtype"] == "float32" and row["divergence"] == "forward_kl"
+        assert float(row["ms"]) > 0 and float(row["peak_nv"]) >= 0
+        has_bandwidth = row["provider"] == "kdfused" and row["mode"] == "full"
+        assert bool(row["pct_of_copy"]) == has_bandwidth
+    assert {(r["n"], r["v"]) for r in rows} == {("8", "64"), ("8", "128"), ("16", "64")}
+
+
+def test_plot(bench_csv, tmp_path):
+    out = tmp_path / "plot.png"
+    plot.main([str(bench_csv), "-o", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = plot.load(str(bench_csv))
+    assert plot.most_varied(rows, "n", "v") == 8  # N = 8 has two V values
+    assert plot.most_varied(rows, "v", "n") == 64  # V = 64 has two N values
+
+
+def test_plot_refuses_rows_of_several_runs(bench_csv, tmp_path):
+    with open(bench_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    next(r for r in rows if r["mode"] == "full")["commit"] = "other"
+    mixed = tmp_path / "mixed.csv"
+    with open(mixed, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(SystemExit, match="rows of several runs"):
+        plot.load(str(mixed))
