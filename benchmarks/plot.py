@@ -3,7 +3,8 @@ memory against V (at one N) and against N (at one V), one line per provider.
 
     python -m benchmarks.plot results.csv -o plot.png [--n 1024] [--v 32000]
 
-By default the N with the most distinct V values and the V with the most
+Only full-step rows of one divergence (--divergence, default forward_kl) are
+drawn. By default the N with the most distinct V values and the V with the most
 distinct N values are used. The title names the device, torch, dtype, commit
 and date of the rows (which must agree: one run's rows).
 """
@@ -19,14 +20,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-SAME = ("device", "torch", "dtype", "divergence", "commit", "date")
+SAME = ("device", "torch", "dtype", "commit", "date")
 
 
-def load(path: str) -> list[dict]:
+def load(path: str, divergence: str = "forward_kl") -> list[dict]:
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["mode"] == "full"]
+        rows = [
+            r for r in csv.DictReader(f) if r["mode"] == "full" and r["divergence"] == divergence
+        ]
     if not rows:
-        raise SystemExit(f"{path}: no full-step rows")
+        raise SystemExit(f"{path}: no full-step {divergence} rows")
     for key in SAME:
         values = {r[key] for r in rows}
         if len(values) > 1:
@@ -46,9 +49,13 @@ def panel(ax, rows, fixed, value, varying, metric, label):
     for r in rows:
         if int(r[fixed]) == value and r.get(metric):
             lines[r["provider"]].append((int(r[varying]), float(r[metric])))
-    for provider, points in sorted(lines.items()):
+    # Distinct markers and dashes: equal values (the memory of kdfused and
+    # torch.compile, say) stay visible as two lines.
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-"), ("x", "--")]
+    for k, (provider, points) in enumerate(sorted(lines.items())):
+        marker, dashes = styles[k % len(styles)]
         points.sort()
-        ax.plot(*zip(*points, strict=True), marker="o", label=provider)
+        ax.plot(*zip(*points, strict=True), marker=marker, linestyle=dashes, label=provider)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(f"{varying.upper()} (at {fixed.upper()} = {value})")
@@ -80,8 +87,9 @@ def main(argv=None):
     parser.add_argument("-o", "--out", required=True, help="PNG file to write")
     parser.add_argument("--n", type=int, help="N of the panels against V")
     parser.add_argument("--v", type=int, help="V of the panels against N")
+    parser.add_argument("--divergence", default="forward_kl")
     args = parser.parse_args(argv)
-    plot(load(args.csv), args.out, args.n, args.v)
+    plot(load(args.csv, args.divergence), args.out, args.n, args.v)
     print(f"wrote {args.out}")
 
 

@@ -51,6 +51,13 @@ def inputs_for(n, v):
 
 
 @functools.cache
+def loss_for(provider):
+    # One loss per provider for the session: torch.compile's compilations
+    # are reused across modes and sizes instead of redone for each case.
+    return PROVIDERS[provider].make(OPTIONS)
+
+
+@functools.cache
 def copy_bytes_per_second(n, v):
     return copy_bandwidth(n, v, DTYPES[DTYPE], DEVICE, reps=5)
 
@@ -75,7 +82,7 @@ def test_distill_step(benchmark, provider, mode, size):
         pytest.skip(f"{provider}: {why}")
     n, v = size
     inputs = inputs_for(n, v)
-    loss_fn = PROVIDERS[provider].make(OPTIONS)
+    loss_fn = loss_for(provider)
 
     # The loss being timed is the loss being compared (float64 plain loss as
     # the yardstick; 1e-3 is far below any difference of options or scale).

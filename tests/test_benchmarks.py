@@ -52,3 +52,5 @@ def test_plot_refuses_rows_of_several_runs(bench_csv, tmp_path):
         writer.writerows(rows)
     with pytest.raises(SystemExit, match="rows of several runs"):
         plot.load(str(mixed))
+    with pytest.raises(SystemExit, match="no full-step jsd rows"):
+        plot.load(str(bench_csv), divergence="jsd")
