@@ -187,6 +187,19 @@ KDFUSED_INLINE void grad_chunk(float* g, const float* s, const float* t, const f
 // picks one table at run time. Each entry is compiled once per instruction
 // set (the KDFUSED_INLINE bodies take the entry's target), and none depends
 // on the logits' dtype: chunks are converted to float first.
+// float -> bfloat16 bits, rounded to nearest even with NaN kept a quiet NaN:
+// c10::BFloat16's conversion, bit for bit, but in a loop the compiler
+// vectorises (c10's branches kept the gradient's store scalar).
+KDFUSED_INLINE void store_bf16(uint16_t* out, const float* x, int64_t len) {
+  for (int64_t k = 0; k < len; ++k) {
+    const uint32_t bits = static_cast<uint32_t>(host::to_bits(x[k]));
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    out[k] = x[k] != x[k] ? uint16_t{0x7fc0} : static_cast<uint16_t>(rounded);
+  }
+}
+
+using StoreBf16Fn = void (*)(uint16_t*, const float*, int64_t);
+static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t), "a bfloat16 is its 16 bits");
 using StatsFn = void (*)(RowStats&, const float*, const float*, int64_t, float, float*, float*);
 using JsdFn = void (*)(JsdSums&, const float*, const float*, const float*, float*, int64_t,
                        ChunkScale, const RowConsts&, const LossParams&);
@@ -202,10 +215,15 @@ inline int grad_variant(const LossParams& p) {
   return hard && soft && p.t_is_2 ? kHardSoftT2 : 2 * hard + soft;
 }
 
+// Whether a variant's hard term takes softmax(s) from the logits (2 * hard +
+// soft with hard set), rather than from p_s as kHardSoftT2 does.
+inline bool hard_from_logits(int variant) { return variant == 2 || variant == 3; }
+
 struct ChunkKernels {
   StatsFn stats[3];  // [Z1 mode]
   JsdFn jsd;
   GradFn grad[3][5];  // [divergence][grad_variant]
+  StoreBf16Fn store_bf16;
 };
 
 #define KDFUSED_GRADS(NAME, D)                                              \
@@ -230,11 +248,15 @@ struct ChunkKernels {
                                const LossParams& p, float scale) {                               \
     grad_chunk<D, kHard, kSoft, kT2>(g, s, t, es, et, len, f, c, p, scale);                      \
   }                                                                                              \
+  __VA_ARGS__ void NAME##_store_bf16(uint16_t* out, const float* x, int64_t len) {               \
+    store_bf16(out, x, len);                                                                     \
+  }                                                                                              \
   const ChunkKernels NAME##_kernels = {                                                          \
       {NAME##_stats<Z1::kNone>, NAME##_stats<Z1::kExp>, NAME##_stats<Z1::kSquare>},              \
       NAME##_jsd,                                                                                \
       {KDFUSED_GRADS(NAME, Divergence::kForwardKL), KDFUSED_GRADS(NAME, Divergence::kReverseKL), \
-       KDFUSED_GRADS(NAME, Divergence::kJSD)}};
+       KDFUSED_GRADS(NAME, Divergence::kJSD)},                                                   \
+      NAME##_store_bf16};
 
 // Baseline x86-64 (SSE2), for every CPU; AVX2 + FMA where the CPU has them.
 KDFUSED_CHUNK_KERNELS(baseline)
@@ -275,7 +297,13 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
   const int64_t v = a.v;
   const int64_t chunks = (v + kChunk - 1) / kChunk;
   const StatsFn stats = kernels.stats[static_cast<int>(z1_mode(p))];
-  const GradFn grad = kernels.grad[static_cast<int>(p.div)][grad_variant(p)];
+  const int variant = grad_variant(p);
+  const GradFn grad = kernels.grad[static_cast<int>(p.div)][variant];
+  // The gradient pass works from the kept exps; it reads the logits only for
+  // reverse KL's log-ratio and for the hard term's softmax when T = 2 does not
+  // give it from p_s (grad_from_probs, combine_grad).
+  const bool reads_t = p.div == Divergence::kReverseKL;
+  const bool reads_s = reads_t || hard_from_logits(variant);
   alignas(64) float sbuf[kChunk];
   alignas(64) float tbuf[kChunk];
   alignas(64) float gbuf[kChunk];
@@ -324,8 +352,10 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
     if (!g) continue;
     for (int64_t j0 = 0, b = 0; j0 < v; j0 += kChunk, ++b) {
       const int64_t len = std::min(kChunk, v - j0);
-      const float* sf = as_float(s + j0, len, sbuf);
-      const float* tf = as_float(t + j0, len, tbuf);
+      // Only what this gradient reads is converted (nullptr otherwise: a
+      // read would fault, not go wrong quietly).
+      const float* sf = reads_s ? as_float(s + j0, len, sbuf) : nullptr;
+      const float* tf = reads_t ? as_float(t + j0, len, tbuf) : nullptr;
       // A float gradient is written in place, others through gbuf.
       float* gf;
       if constexpr (std::is_same_v<S, float>) {
@@ -335,10 +365,12 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
       }
       grad(gf, sf, tf, es + j0, et + j0, len, scale_of(b), c, p, a.grad_scale);
       if (label >= j0 && label < j0 + len) {  // the label's own element
-        const int64_t k = label - j0;
-        gf[k] = a.grad_scale * grad_element(sf[k], tf[k], true, c, p);
+        gf[label - j0] = a.grad_scale * grad_element(static_cast<float>(s[label]),
+                                                     static_cast<float>(t[label]), true, c, p);
       }
-      if constexpr (!std::is_same_v<S, float>) {
+      if constexpr (std::is_same_v<S, c10::BFloat16>) {
+        kernels.store_bf16(reinterpret_cast<uint16_t*>(g + j0), gbuf, len);
+      } else if constexpr (!std::is_same_v<S, float>) {
         for (int64_t k = 0; k < len; ++k) g[j0 + k] = static_cast<S>(gbuf[k]);
       }
     }
