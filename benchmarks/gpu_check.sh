@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU machine's check, in one call of the device tool (see DEVELOPERS.md):
-# build with all cores, the test suite on CUDA, and a short benchmark of
-# kdfused against plain PyTorch eager, torch.compile and, when its wheel was
-# carried in .whl/, Liger-Kernel. Everything lands under $OUT: gpu_check.log
-# (all output), pytest.log, bench.md and bench.csv. Each stage has its own time
+# build with all cores, the CUDA tests, a benchmark of kdfused's two CUDA
+# kernels against plain PyTorch eager, torch.compile and, when its wheel was
+# carried in .whl/, Liger-Kernel, a sweep over V and N, and ncu's view of both
+# kernels. Everything lands under $OUT: gpu_check.log (all output), pytest.log,
+# bench.md, bench.csv and ncu.txt. Each stage has its own time
 # limit, so the script ends within about 10 minutes whatever happens; about
 # 5 when all goes well.
 #
