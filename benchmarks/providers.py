@@ -83,7 +83,7 @@ def _kdfused_with(**env: str):
 
 
 def _cuda_only(device: str) -> str | None:
-    return None if device == "cuda" else "a CUDA kernel choice"
+    return None if device == "cuda" else f"a choice between CUDA kernels, not for {device}"
 
 
 def _eager(opts: LossOptions):

@@ -165,6 +165,30 @@ def bench_one(loss_fn, inputs, mode, device, warmup, reps):
     return statistics.median(times), peak
 
 
+def conditions(device: str, dtype: str, opts: LossOptions) -> dict:
+    """What every row names: machine, software, commit, date and loss options."""
+    return dict(
+        device=device_name(device),
+        torch=torch.__version__,
+        commit=commit(),
+        date=datetime.date.today().isoformat(),
+        dtype=dtype,
+        divergence=opts.divergence,
+        temperature=opts.temperature,
+        alpha=opts.alpha,
+    )
+
+
+def bandwidth(n: int, v: int, element_size: int, seconds: float, copy_bw: float) -> dict:
+    """The byte floor (read student + read teacher + write gradient) per second,
+    in GB/s and as a share of the copy bandwidth."""
+    floor = 3 * n * v * element_size
+    return dict(
+        floor_gbps=round(floor / seconds / 1e9, 1),
+        pct_of_copy=round(100 * floor / seconds / copy_bw, 1),
+    )
+
+
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     sizes = []
     for item in text.split(","):
@@ -181,16 +205,7 @@ def run(args) -> list[dict]:
         divergence=args.divergence,
         beta=args.beta,
     )
-    meta = dict(
-        device=device_name(device),
-        torch=torch.__version__,
-        commit=commit(),
-        date=datetime.date.today().isoformat(),
-        dtype=args.dtype,
-        divergence=opts.divergence,
-        temperature=opts.temperature,
-        alpha=opts.alpha,
-    )
+    meta = conditions(device, args.dtype, opts)
     rows = []
     for n, v in parse_sizes(args.sizes):
         inputs = make_inputs(n, v, dtype, device)
@@ -219,9 +234,7 @@ def run(args) -> list[dict]:
                     copy_gbps=round(copy_bw / 1e9, 1),
                 )
                 if name.startswith("kdfused") and mode == "full":
-                    floor = 3 * n * v * elem
-                    row["floor_gbps"] = round(floor / seconds / 1e9, 1)
-                    row["pct_of_copy"] = round(100 * floor / seconds / copy_bw, 1)
+                    row.update(bandwidth(n, v, elem, seconds, copy_bw))
                 rows.append(row)
                 print(format_row(row), flush=True)
             if device == "cuda":

@@ -26,9 +26,9 @@ from .run import (
     DTYPES,
     MODES,
     PeakMemory,
-    commit,
+    bandwidth,
+    conditions,
     copy_bandwidth,
-    device_name,
     make_inputs,
     make_step,
     parse_sizes,
@@ -97,18 +97,8 @@ def test_distill_step(benchmark, provider, mode, size):
     prepare_full()
     peak = PeakMemory(DEVICE)(full)
     element = student.element_size()
-    benchmark.extra_info.update(
-        device=device_name(DEVICE),
-        torch=torch.__version__,
-        commit=commit(),
-        dtype=DTYPE,
-        n=n,
-        v=v,
-        peak_nv=round(peak / (n * v * element), 2),
-    )
+    benchmark.extra_info.update(conditions(DEVICE, DTYPE, OPTIONS))
+    benchmark.extra_info.update(n=n, v=v, peak_nv=round(peak / (n * v * element), 2))
     if provider.startswith("kdfused") and mode == "full" and benchmark.stats:
-        floor = 3 * n * v * element
         seconds = benchmark.stats.stats.median
-        benchmark.extra_info["pct_of_copy"] = round(
-            100 * floor / seconds / copy_bytes_per_second(n, v), 1
-        )
+        benchmark.extra_info.update(bandwidth(n, v, element, seconds, copy_bytes_per_second(n, v)))
