@@ -183,10 +183,6 @@ KDFUSED_INLINE void grad_chunk(float* g, const float* s, const float* t, const f
   }
 }
 
-// The chunk kernels of one instruction set, as a table: the row loop below
-// picks one table at run time. Each entry is compiled once per instruction
-// set (the KDFUSED_INLINE bodies take the entry's target), and none depends
-// on the logits' dtype: chunks are converted to float first.
 // float -> bfloat16 bits, rounded to nearest even with NaN kept a quiet NaN:
 // c10::BFloat16's conversion, bit for bit, but in a loop the compiler
 // vectorises (c10's branches kept the gradient's store scalar).
@@ -198,6 +194,10 @@ KDFUSED_INLINE void store_bf16(uint16_t* out, const float* x, int64_t len) {
   }
 }
 
+// The chunk kernels of one instruction set, as a table: the row loop below
+// picks one table at run time. Each entry is compiled once per instruction
+// set (the KDFUSED_INLINE bodies take the entry's target), and none depends
+// on the logits' dtype: chunks are converted to float first.
 using StoreBf16Fn = void (*)(uint16_t*, const float*, int64_t);
 static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t), "a bfloat16 is its 16 bits");
 using StatsFn = void (*)(RowStats&, const float*, const float*, int64_t, float, float*, float*);

@@ -9,7 +9,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
-#include <tuple>
+#include <utility>
 
 #include "../distill_op.h"
 #include "distill_kernel.cuh"
@@ -48,47 +48,51 @@ struct ClusterLaunch {
   ClusterLaunch& operator=(const ClusterLaunch&) = delete;
 };
 
-// Whether the device schedules clusters of this shape at all (asked once per
-// device and shape).
-template <typename Kernel>
-bool cluster_schedulable(Kernel kernel, const ResidentShape& shape) {
+// compute() for this device and key the first time, the remembered value
+// after: device queries stay off the launch path (and out of graph captures
+// after the first call). Each caller keeps its own table.
+template <typename Key, typename Compute>
+auto once_per_device(const Key& key, Compute compute) {
+  using Value = decltype(compute());
   static std::mutex mutex;
-  static std::map<std::tuple<int, int, int>, bool> known;
+  static std::map<std::pair<int, Key>, Value> known;
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  const auto key = std::make_tuple(device, shape.threads, shape.cluster);
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto found = known.find(key);
+  const auto found = known.find({device, key});
   if (found != known.end()) return found->second;
-  const ClusterLaunch one(1, shape, nullptr);
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &one.config) != cudaSuccess) {
-    (void)cudaGetLastError();  // an unsupported shape: not schedulable
-    clusters = 0;
-  }
-  return known[key] = clusters > 0;
+  return known[{device, key}] = compute();
+}
+
+// Whether the device schedules clusters of this shape at all.
+template <typename Kernel>
+bool cluster_schedulable(Kernel kernel, const ResidentShape& shape) {
+  return once_per_device(std::make_pair(shape.threads, shape.cluster), [&] {
+    const ClusterLaunch one(1, shape, nullptr);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &one.config) != cudaSuccess) {
+      (void)cudaGetLastError();  // an unsupported shape: not schedulable
+      clusters = 0;
+    }
+    return clusters > 0;
+  });
 }
 
 // The largest cluster the kernel may take on the current device: 16 where its
 // code was compiled for sm_90 or later (the non-portable size, opted into
-// here), else 1 (older code treats each block as a whole row). Asked once per
-// device, so that graph captures after the first call make no such calls.
+// here), else 1 (older code treats each block as a whole row).
 template <typename Kernel>
 int cluster_limit(Kernel kernel) {
-  static std::mutex mutex;
-  static std::map<int, int> known;  // device -> limit
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto found = known.find(device);
-  if (found != known.end()) return found->second;
-  cudaFuncAttributes attributes{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  const int limit = attributes.binaryVersion >= 90 ? kMaxCluster : 1;
-  if (limit > kPortableCluster) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  }
-  return known[device] = limit;
+  return once_per_device(0, [&] {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    const int limit = attributes.binaryVersion >= 90 ? kMaxCluster : 1;
+    if (limit > kPortableCluster) {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    }
+    return limit;
+  });
 }
 
 // The resident kernel's shape for a problem (cluster = 0: the streaming
