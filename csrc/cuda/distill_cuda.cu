@@ -9,6 +9,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 
 #include "../distill_op.h"
@@ -18,6 +19,7 @@ namespace kdfused {
 namespace {
 
 using cuda::choose_resident;
+using cuda::cuda_kernel_mode;
 using cuda::distill_resident_kernel;
 using cuda::distill_rows_kernel;
 using cuda::kMaxCluster;
@@ -97,13 +99,17 @@ int cluster_limit(Kernel kernel) {
 
 // The resident kernel's shape for a problem (cluster = 0: the streaming
 // kernel's): the largest cluster allowed, else the next smaller limit while
-// the device cannot schedule the shape.
+// the device cannot schedule the shape. With the streaming kernel chosen it
+// asks the device nothing.
 template <typename S, typename Tt, typename Kernel>
 ResidentShape resident_shape_for(Kernel kernel, const DistillProblem& prob) {
+  const std::string mode = cuda_kernel_mode();
+  if (mode == "stream") return ResidentShape{};
   for (int limit = cluster_limit(kernel);; limit /= 2) {
-    const ResidentShape shape = choose_resident(
-        prob.student.const_data_ptr<S>(), prob.student.stride(0), prob.teacher.const_data_ptr<Tt>(),
-        prob.teacher.stride(0), prob.n, prob.v, kResidentPacks, kResidentThreads, limit);
+    const ResidentShape shape =
+        choose_resident(mode, prob.student.const_data_ptr<S>(), prob.student.stride(0),
+                        prob.teacher.const_data_ptr<Tt>(), prob.teacher.stride(0), prob.n, prob.v,
+                        kResidentPacks, kResidentThreads, limit);
     if (shape.cluster <= 1 || cluster_schedulable(kernel, shape)) return shape;
   }
 }

@@ -487,21 +487,27 @@ bool rows_aligned(const T* base, int64_t stride, int width) {
 // (notes/gpu-tuning.md). Then this becomes "auto".
 constexpr const char* kDefaultCudaKernel = "stream";
 
-// The resident kernel's shape for a problem, or cluster = 0 for the streaming
-// kernel. KDFUSED_CUDA_KERNEL: stream (the streaming kernel), auto (the
-// resident kernel wherever it fits, else the streaming one) or resident (the
-// resident kernel, an error where it does not fit); KDFUSED_CUDA_MAX_CLUSTER
-// lowers max_cluster. Both for tests and benchmarks.
-template <typename S, typename Tt>
-ResidentShape choose_resident(const S* student, int64_t s_stride, const Tt* teacher,
-                              int64_t t_stride, int64_t n, int64_t v, int k, int max_threads,
-                              int max_cluster) {
-  constexpr int W = pack_width<S, Tt>();
+// The kernel choice: KDFUSED_CUDA_KERNEL = stream (the streaming kernel), auto
+// (the resident kernel wherever it fits, else the streaming one) or resident
+// (the resident kernel, an error where it does not fit), for tests and
+// benchmarks; kDefaultCudaKernel when unset.
+inline std::string cuda_kernel_mode() {
   const char* env = std::getenv("KDFUSED_CUDA_KERNEL");
   const std::string mode = env ? env : kDefaultCudaKernel;
   TORCH_CHECK_VALUE(mode == "auto" || mode == "stream" || mode == "resident",
                     "kdfused: KDFUSED_CUDA_KERNEL must be stream, auto or resident, got '", mode,
                     "'");
+  return mode;
+}
+
+// The resident kernel's shape for a problem under a cuda_kernel_mode(), or
+// cluster = 0 for the streaming kernel. KDFUSED_CUDA_MAX_CLUSTER lowers
+// max_cluster (for tests and benchmarks).
+template <typename S, typename Tt>
+ResidentShape choose_resident(const std::string& mode, const S* student, int64_t s_stride,
+                              const Tt* teacher, int64_t t_stride, int64_t n, int64_t v, int k,
+                              int max_threads, int max_cluster) {
+  constexpr int W = pack_width<S, Tt>();
   if (mode == "stream") return ResidentShape{};
   if (const char* cap = std::getenv("KDFUSED_CUDA_MAX_CLUSTER")) {
     const int blocks = std::atoi(cap);

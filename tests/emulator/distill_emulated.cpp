@@ -42,8 +42,9 @@ DistillResult distill_forward_emulated(const at::Tensor& student, const at::Tens
       const int64_t* y = prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr;
       const float* scale = grad_scale ? grad_scale->const_data_ptr<float>() : nullptr;
       S* g = compute_grad ? grad.data_ptr<S>() : nullptr;
-      const auto shape = cuda::choose_resident(s, prob.student.stride(0), t, prob.teacher.stride(0),
-                                               prob.n, prob.v, kPacks, kThreads, cuda::kMaxCluster);
+      const auto shape = cuda::choose_resident(cuda::cuda_kernel_mode(), s, prob.student.stride(0),
+                                               t, prob.teacher.stride(0), prob.n, prob.v, kPacks,
+                                               kThreads, cuda::kMaxCluster);
       if (shape.cluster > 0) {
         emu::launch(static_cast<unsigned>(prob.n * shape.cluster), shape.threads, shape.cluster,
                     &cuda::distill_resident_kernel<S, Tt, kPacks>, s, t, prob.student.stride(0),
