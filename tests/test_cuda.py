@@ -60,8 +60,22 @@ def test_kernels_agree_on_many_rows(monkeypatch, divergence):
     streaming = torch.ops.kdfused.distill_forward.default(*args)
     torch.testing.assert_close(resident[0], streaming[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(resident[1], streaming[1], rtol=1e-4, atol=1e-6)
-    # bf16 gradients: at most one rounding step apart.
-    torch.testing.assert_close(resident[2], streaming[2], rtol=2**-7, atol=1e-12)
+    # The two kernels sum a row's exps in different orders, so their row
+    # constants differ by float32 rounding (about 1e-6: the losses above), and
+    # every term of a gradient element (alpha q / N, (1 - alpha) T p_s / N,
+    # (1 - alpha) T p_t / N, times a log ratio for reverse KL and JSD) moves by
+    # that fraction of itself. Where the terms cancel, that is large next to the
+    # element (the H200 run at 3209248: relative differences up to inf). Bound:
+    # one bf16 rounding step of the element plus 1e-4 of its terms' sizes
+    # (a lost or misplaced pack is off by the whole element).
+    for rows in torch.arange(8192, device="cuda").split(512):
+        ps = torch.softmax(s[rows].float() / 2, dim=1)
+        pt = torch.softmax(t[rows].float() / 2, dim=1)
+        q = torch.softmax(s[rows].float(), dim=1)
+        terms = (0.5 * q + 0.5 * 2 * (ps + pt)) / 8192
+        a, b = resident[2][rows].float(), streaming[2][rows].float()
+        excess = (a - b).abs() - (2**-7 * b.abs() + 1e-4 * terms)
+        assert (excess <= 0).all(), (rows[0].item(), excess.amax().item())
 
 
 @pytest.mark.parametrize("n,vocab", [(1, 1), (7, 3), (5, 1001), (9, 32001), (3, 4099)])

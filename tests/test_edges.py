@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from oracle import DEVICES, check_against_oracle, make_labels, make_logits, run_loss
+from oracle import DEVICES, check_against_oracle, make_labels, make_logits
 
 import kdfused
 
@@ -132,10 +132,14 @@ def test_views(device, view):
     y = make_labels(s.shape[:-1], vocab, "some", device=device)
     assert not s.is_contiguous() or s.storage_offset() != 0
     out, grad = check_against_oracle(s, t, y, torch.tensor(0.9), divergence="reverse_kl")
-    out_c, grad_c = run_loss(
+    out_c, grad_c = check_against_oracle(
         s.contiguous(), t.contiguous(), y, torch.tensor(0.9), divergence="reverse_kl"
     )
-    assert torch.equal(out.loss, out_c.loss) and torch.equal(grad, grad_c)
+    if device == "cpu":  # the CPU kernel sums a row in the same order whatever its layout
+        assert torch.equal(out.loss, out_c.loss) and torch.equal(grad, grad_c)
+    # On CUDA a row's alignment decides which of its elements go in 16-byte packs
+    # and so the order of its float32 sums (the H200 run at 3209248 saw the
+    # gradients differ in the last bits): both are held to the float64 oracle above.
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
