@@ -134,12 +134,19 @@ PROVIDERS = {
     p.name: p
     for p in (
         Provider("kdfused", _kdfused),
-        # The register-resident CUDA kernel (opt-in until it has run on a GPU),
-        # also in clusters of at most 8 blocks (512 threads at V = 128256).
+        # The CUDA kernel variants under measurement (csrc/cuda/distill_kernel.cuh):
+        # the register-resident kernel wherever it fits, the streaming kernel's
+        # lean form, and that with at most 2 or 1 rows per multiprocessor.
         Provider("kdfused-resident", _kdfused_with(KDFUSED_CUDA_KERNEL="auto"), _cuda_only),
+        Provider("kdfused-lean", _kdfused_with(KDFUSED_CUDA_KERNEL="lean"), _cuda_only),
         Provider(
-            "kdfused-resident-c8",
-            _kdfused_with(KDFUSED_CUDA_KERNEL="auto", KDFUSED_CUDA_MAX_CLUSTER="8"),
+            "kdfused-lean-r2",
+            _kdfused_with(KDFUSED_CUDA_KERNEL="lean", KDFUSED_CUDA_ROWS_PER_SM="2"),
+            _cuda_only,
+        ),
+        Provider(
+            "kdfused-lean-r1",
+            _kdfused_with(KDFUSED_CUDA_KERNEL="lean", KDFUSED_CUDA_ROWS_PER_SM="1"),
             _cuda_only,
         ),
         Provider("eager", _eager),

@@ -463,19 +463,37 @@ C10_HOST_DEVICE inline decltype(auto) with_divergence(Divergence d, F&& f) {
   return f(std::integral_constant<Divergence, Divergence::kJSD>{});
 }
 
-// grad_element_as with the divergence and the term weights known at run time.
-C10_HOST_DEVICE inline float grad_element(float s, float t, bool is_label, const RowConsts& c,
-                                          const LossParams& p) {
+// One of grad_element_as's instantiations, as a type a kernel can carry into
+// its loops (so that they test the divergence and the term weights once per row).
+template <Divergence D, bool kHard, bool kSoft, bool kT2>
+struct GradVariant {
+  static constexpr Divergence kDivergence = D;
+  KDFUSED_HOT static float element(float s, float t, bool is_label, const RowConsts& c,
+                                   const LossParams& p) {
+    return grad_element_as<D, kHard, kSoft, kT2>(s, t, is_label, c, p);
+  }
+};
+
+// Calls f(GradVariant<...>{}) for the run-time divergence and term weights.
+template <typename F>
+C10_HOST_DEVICE inline decltype(auto) with_grad_variant(const LossParams& p, F&& f) {
   const bool hard = p.has_labels && p.alpha != 0.f;
   const bool soft = p.soft_coef != 0.f;
   return with_divergence(p.div, [&](auto d) {
     constexpr Divergence D = decltype(d)::value;
-    if (hard && soft && p.t_is_2) return grad_element_as<D, true, true, true>(s, t, is_label, c, p);
-    if (hard && soft) return grad_element_as<D, true, true>(s, t, is_label, c, p);
-    if (hard) return grad_element_as<D, true, false>(s, t, is_label, c, p);
-    if (soft) return grad_element_as<D, false, true>(s, t, is_label, c, p);
-    return 0.f;
+    if (hard && soft && p.t_is_2) return f(GradVariant<D, true, true, true>{});
+    if (hard && soft) return f(GradVariant<D, true, true, false>{});
+    if (hard) return f(GradVariant<D, true, false, false>{});
+    if (soft) return f(GradVariant<D, false, true, false>{});
+    return f(GradVariant<D, false, false, false>{});  // neither term: 0
   });
+}
+
+// grad_element_as with the divergence and the term weights known at run time.
+C10_HOST_DEVICE inline float grad_element(float s, float t, bool is_label, const RowConsts& c,
+                                          const LossParams& p) {
+  return with_grad_variant(
+      p, [&](auto variant) { return decltype(variant)::element(s, t, is_label, c, p); });
 }
 
 }  // namespace kdfused

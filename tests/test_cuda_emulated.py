@@ -68,10 +68,11 @@ def emulator(monkeypatch):
     return _route_to_emulator(monkeypatch)
 
 
-@pytest.fixture(params=["stream", "auto"])
+@pytest.fixture(params=["stream", "lean", "auto"])
 def emulated(request, monkeypatch):
     """The op routed to the emulator, once with the streaming kernel (the
-    default) and once with the resident kernel wherever it fits."""
+    default), once with its lean form and once with the resident kernel
+    wherever it fits."""
     monkeypatch.setenv("KDFUSED_CUDA_KERNEL", request.param)
     return _route_to_emulator(monkeypatch)
 
@@ -170,10 +171,33 @@ def test_default_is_the_streaming_kernel(emulator, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("vocab", [4000, 4001])
+def test_lean_and_streaming_kernels_agree(emulator, monkeypatch, divergence, temperature, vocab):
+    """The lean form changes no arithmetic of pass 1 or of the gradient: the
+    KLs' numbers are bit-identical (masked logits included, so that both of
+    pass 1's paths run); JSD's pass sums in another order: equal up to rounding."""
+    s = make_logits((6, vocab), seed=107)
+    t = make_logits((6, vocab), seed=108)
+    s[0, :100] = -float("inf")  # a row that starts with anchors at -inf
+    t[1, 50:70] = -float("inf")
+    y = make_labels((6,), vocab, "some")
+    args = (s, t, y, None, temperature, 0.5, divergence, 0.5, -100, True, True)
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "lean")
+    lean = emulator(*args)
+    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "stream")
+    streaming = emulator(*args)
+    for a, b in zip(lean, streaming, strict=True):
+        exact = divergence != "jsd"  # (row 1 of reverse KL is inf / NaN: p_t = 0 < p_s)
+        tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-5, "atol": 1e-7}
+        torch.testing.assert_close(a, b, equal_nan=True, **tol)
+
+
 def test_unknown_kernel_choice(emulator, monkeypatch):
     monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "fast")
     s = make_logits((2, 64), seed=101)
-    with pytest.raises(ValueError, match="KDFUSED_CUDA_KERNEL must be stream, auto or resident"):
+    with pytest.raises(ValueError, match="KDFUSED_CUDA_KERNEL must be stream, lean, auto or"):
         emulator(s, s, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
 
 
@@ -281,7 +305,9 @@ def test_property(problem):
     """The property test of test_property.py, through the emulated kernel.
     (A context manager, not the fixture: hypothesis reruns the body.)"""
     s, t, labels, upstream, options = problem
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KDFUSED_CUDA_KERNEL", "auto")  # the resident kernel wherever it fits
-        _route_to_emulator(patch)
-        check_against_oracle(s, t, labels, upstream, **options)
+    # The resident kernel wherever it fits (else the streaming one), then the lean one.
+    for kernel in ("auto", "lean"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("KDFUSED_CUDA_KERNEL", kernel)
+            _route_to_emulator(patch)
+            check_against_oracle(s, t, labels, upstream, **options)

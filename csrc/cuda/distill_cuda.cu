@@ -102,9 +102,9 @@ int cluster_limit(Kernel kernel) {
 // the device cannot schedule the shape. With the streaming kernel chosen it
 // asks the device nothing.
 template <typename S, typename Tt, typename Kernel>
-ResidentShape resident_shape_for(Kernel kernel, const DistillProblem& prob) {
-  const std::string mode = cuda_kernel_mode();
-  if (mode == "stream") return ResidentShape{};
+ResidentShape resident_shape_for(Kernel kernel, const DistillProblem& prob,
+                                 const std::string& mode) {
+  if (mode == "stream" || mode == "lean") return ResidentShape{};
   for (int limit = cluster_limit(kernel);; limit /= 2) {
     const ResidentShape shape =
         choose_resident(mode, prob.student.const_data_ptr<S>(), prob.student.stride(0),
@@ -112,6 +112,33 @@ ResidentShape resident_shape_for(Kernel kernel, const DistillProblem& prob) {
                         kResidentPacks, kResidentThreads, limit);
     if (shape.cluster <= 1 || cluster_schedulable(kernel, shape)) return shape;
   }
+}
+
+// KDFUSED_CUDA_ROWS_PER_SM = k (a benchmark knob, unset by default): dynamic
+// shared memory that the streaming kernel does not use, sized so that at most
+// k blocks (rows) share a multiprocessor. Fewer rows in flight keep more of
+// each row in L2 for its next pass, at the cost of fewer loads in flight.
+template <typename Kernel>
+int occupancy_cap_smem(Kernel kernel) {
+  const char* env = std::getenv("KDFUSED_CUDA_ROWS_PER_SM");
+  if (env == nullptr) return 0;
+  const int k = std::atoi(env);
+  TORCH_CHECK_VALUE(k >= 1, "kdfused: KDFUSED_CUDA_ROWS_PER_SM must be a positive integer");
+  int device = 0, per_sm = 0, optin = 0, reserved = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  // Each block also takes the driver's reserved shared memory (1 KB on sm_90).
+  const int fixed = reserved + static_cast<int>(attr.sharedSizeBytes);
+  const int smem =
+      std::max(0, std::min(per_sm / k - fixed, optin - static_cast<int>(attr.sharedSizeBytes)));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  return smem;
 }
 
 template <typename S, typename Tt>
@@ -125,7 +152,8 @@ void launch(const DistillProblem& prob, const std::optional<at::Tensor>& grad_sc
   S* g = compute_grad ? grad.data_ptr<S>() : nullptr;
 
   const auto resident = distill_resident_kernel<S, Tt, kResidentPacks>;
-  const ResidentShape shape = resident_shape_for<S, Tt>(resident, prob);
+  const std::string mode = cuda_kernel_mode();
+  const ResidentShape shape = resident_shape_for<S, Tt>(resident, prob, mode);
   if (shape.cluster > 0) {
     const ClusterLaunch launch(prob.n, shape, stream);
     C10_CUDA_CHECK(cudaLaunchKernelEx(
@@ -133,7 +161,10 @@ void launch(const DistillProblem& prob, const std::optional<at::Tensor>& grad_sc
         labels, scale, hard.data_ptr<float>(), soft.data_ptr<float>(), g, prob.v, prob.params));
   } else {
     const int threads = threads_for(prob.v, pack_width<S, Tt>());
-    distill_rows_kernel<S, Tt><<<static_cast<unsigned>(prob.n), threads, 0, stream>>>(
+    const auto rows =
+        mode == "lean" ? distill_rows_kernel<S, Tt, true> : distill_rows_kernel<S, Tt>;
+    const int smem = occupancy_cap_smem(rows);
+    rows<<<static_cast<unsigned>(prob.n), threads, smem, stream>>>(
         student, teacher, prob.student.stride(0), prob.teacher.stride(0), labels, scale,
         hard.data_ptr<float>(), soft.data_ptr<float>(), g, prob.v, prob.params);
   }

@@ -114,10 +114,13 @@ struct Row {
 
   // Calls f(j, s, t, n) on consecutive runs of this thread's elements: s, t
   // are n floats from column j, n an integral_constant (W for packs, else 1).
-  template <typename F>
+  // kReverse: the packs last to first, so that a pass right after another
+  // starts on what that one read last, the part of the row most likely still
+  // in L2.
+  template <bool kReverse = false, typename F>
   __device__ void for_each(F&& f) const {
     const int64_t step = blockDim.x;
-    for (int64_t j = head + threadIdx.x * W; j < body_end; j += step * W) {
+    const auto pack = [&](int64_t j) {
       const auto sp = *reinterpret_cast<const Pack<S, W>*>(s + j);
       const auto tp = *reinterpret_cast<const Pack<Tt, W>*>(t + j);
       float sf[W], tf[W];
@@ -127,6 +130,16 @@ struct Row {
         tf[k] = static_cast<float>(tp.v[k]);
       }
       f(j, sf, tf, std::integral_constant<int, W>{});
+    };
+    if constexpr (kReverse) {
+      const int64_t packs = (body_end - head) / W;
+      if (threadIdx.x < packs) {
+        for (int64_t m = (packs - 1 - threadIdx.x) / step; m >= 0; --m) {
+          pack(head + (threadIdx.x + m * step) * W);
+        }
+      }
+    } else {
+      for (int64_t j = head + threadIdx.x * W; j < body_end; j += step * W) pack(j);
     }
     // The head and the tail as one range of scalar indices.
     const int64_t scalars = head + (v - body_end);
@@ -215,8 +228,38 @@ __device__ void write_row_losses(float* hard, float* soft, int64_t i, const S* s
   soft[i] = p.soft_scale * c.div;
 }
 
-template <typename S, typename Tt>
-__global__ void __launch_bounds__(kMaxThreads)
+// Whether a state's anchors are all finite: then x - m needs no select for
+// x = -inf (-inf - finite is -inf already).
+__device__ inline bool anchors_finite(const RowStats& st) {
+  using std::isfinite;
+  return isfinite(st.ms) && isfinite(st.mt) && isfinite(st.ref);
+}
+
+// Calls f(std::integral_constant<Z1, ...>) for the run-time z1 mode.
+template <typename F>
+__device__ void with_z1(Z1 how, F&& f) {
+  if (how == Z1::kSquare) return f(std::integral_constant<Z1, Z1::kSquare>{});
+  if (how == Z1::kExp) return f(std::integral_constant<Z1, Z1::kExp>{});
+  f(std::integral_constant<Z1, Z1::kNone>{});
+}
+
+// grad_element as a GradVariant-like type (the divergence tested per element).
+struct AnyGradVariant {
+  __device__ static float element(float s, float t, bool is_label, const RowConsts& c,
+                                  const LossParams& p) {
+    return grad_element(s, t, is_label, c, p);
+  }
+};
+
+// kLean (KDFUSED_CUDA_KERNEL=lean, under measurement): the same math with
+// fewer instructions and fewer bytes from memory: pass 1 without below()'s
+// selects once the anchors are finite and with the z1 mode known per row, the
+// gradient loop compiled per divergence and term weights (GradVariant), and
+// each pass after the first in the direction opposite to the one before it;
+// registers capped so that three 512-thread blocks share a multiprocessor
+// (unbounded, ptxas took 58-64 and left room for two).
+template <typename S, typename Tt, bool kLean = false>
+__global__ void __launch_bounds__(kMaxThreads, kLean ? 3 : 1)
     distill_rows_kernel(const S* __restrict__ student, const Tt* __restrict__ teacher,
                         int64_t s_stride, int64_t t_stride, const int64_t* __restrict__ labels,
                         const float* __restrict__ grad_scale, float* __restrict__ hard,
@@ -250,12 +293,26 @@ __global__ void __launch_bounds__(kMaxThreads)
     return stats_merge(a, b, p.inv_t);
   };
   RowStats st = stats_empty();
-  const Z1 z1_how = z1_mode(p);
-  row.for_each([&](int64_t, const float* s, const float* t, auto n) {
-    stats_raise(st, s, t, n, p.inv_t);
+  const auto pass1 = [&](auto z1_how) {  // a Z1, or an integral_constant of one
+    row.for_each([&](int64_t, const float* s, const float* t, auto n) {
+      stats_raise(st, s, t, n, p.inv_t);
+      if (kLean && anchors_finite(st)) {
 #pragma unroll
-    for (int k = 0; k < n; ++k) stats_accumulate(st, s[k], t[k], p.inv_t, z1_how);
-  });
+        for (int k = 0; k < n; ++k) {
+          accumulate_terms(s[k], t[k], st.ms, st.mt, st.ref, p.inv_t, z1_how, st.zs, st.zt, st.z1,
+                           st.ws, st.wt, true);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < n; ++k) stats_accumulate(st, s[k], t[k], p.inv_t, z1_how);
+      }
+    });
+  };
+  if constexpr (kLean) {
+    with_z1(z1_mode(p), pass1);
+  } else {
+    pass1(z1_mode(p));
+  }
   st = block_reduce(st, merge_stats, stats_empty(), stats_smem);
   if (threadIdx.x == 0) consts_smem = row_consts(st, p);
   __syncthreads();
@@ -263,7 +320,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   if (p.div == Divergence::kJSD) {
     JsdSums acc{0.f, 0.f};
-    row.for_each([&](int64_t, const float* s, const float* t, auto n) {
+    row.template for_each<kLean>([&](int64_t, const float* s, const float* t, auto n) {
 #pragma unroll
       for (int k = 0; k < n; ++k) jsd_accumulate(acc, s[k], t[k], c, p);
     });
@@ -278,14 +335,26 @@ __global__ void __launch_bounds__(kMaxThreads)
     write_row_losses(hard, soft, i, row.s, labels != nullptr, label, label_ok, c, p);
   if (row.g) {
     const float scale = grad_scale ? *grad_scale : 1.f;
-    row.for_each([&](int64_t j, const float* s, const float* t, auto n) {
-      Pack<S, decltype(n)::value> out;
+    const auto grad_pass = [&](auto variant, auto reverse) {
+      using Variant = decltype(variant);
+      row.template for_each<decltype(reverse)::value>(
+          [&](int64_t j, const float* s, const float* t, auto n) {
+            Pack<S, decltype(n)::value> out;
 #pragma unroll
-      for (int k = 0; k < n; ++k) {
-        out.v[k] = static_cast<S>(scale * grad_element(s[k], t[k], j + k == label, c, p));
-      }
-      *reinterpret_cast<Pack<S, decltype(n)::value>*>(row.g + j) = out;
-    });
+            for (int k = 0; k < n; ++k) {
+              out.v[k] = static_cast<S>(scale * Variant::element(s[k], t[k], j + k == label, c, p));
+            }
+            *reinterpret_cast<Pack<S, decltype(n)::value>*>(row.g + j) = out;
+          });
+    };
+    if constexpr (kLean) {
+      with_grad_variant(p, [&](auto variant) {  // JSD's pass ran in reverse
+        grad_pass(variant,
+                  std::bool_constant<decltype(variant)::kDivergence != Divergence::kJSD>{});
+      });
+    } else {
+      grad_pass(AnyGradVariant{}, std::false_type{});
+    }
   }
 }
 
@@ -487,16 +556,16 @@ bool rows_aligned(const T* base, int64_t stride, int width) {
 // (notes/gpu-tuning.md). Then this becomes "auto".
 constexpr const char* kDefaultCudaKernel = "stream";
 
-// The kernel choice: KDFUSED_CUDA_KERNEL = stream (the streaming kernel), auto
-// (the resident kernel wherever it fits, else the streaming one) or resident
-// (the resident kernel, an error where it does not fit), for tests and
-// benchmarks; kDefaultCudaKernel when unset.
+// The kernel choice: KDFUSED_CUDA_KERNEL = stream (the streaming kernel), lean
+// (its kLean form), auto (the resident kernel wherever it fits, else the
+// streaming one) or resident (the resident kernel, an error where it does not
+// fit), for tests and benchmarks; kDefaultCudaKernel when unset.
 inline std::string cuda_kernel_mode() {
   const char* env = std::getenv("KDFUSED_CUDA_KERNEL");
   const std::string mode = env ? env : kDefaultCudaKernel;
-  TORCH_CHECK_VALUE(mode == "auto" || mode == "stream" || mode == "resident",
-                    "kdfused: KDFUSED_CUDA_KERNEL must be stream, auto or resident, got '", mode,
-                    "'");
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "stream" || mode == "lean" || mode == "resident",
+                    "kdfused: KDFUSED_CUDA_KERNEL must be stream, lean, auto or resident, got '",
+                    mode, "'");
   return mode;
 }
 
@@ -508,7 +577,7 @@ ResidentShape choose_resident(const std::string& mode, const S* student, int64_t
                               const Tt* teacher, int64_t t_stride, int64_t n, int64_t v, int k,
                               int max_threads, int max_cluster) {
   constexpr int W = pack_width<S, Tt>();
-  if (mode == "stream") return ResidentShape{};
+  if (mode == "stream" || mode == "lean") return ResidentShape{};
   if (const char* cap = std::getenv("KDFUSED_CUDA_MAX_CLUSTER")) {
     const int blocks = std::atoi(cap);
     TORCH_CHECK_VALUE(blocks >= 1, "kdfused: KDFUSED_CUDA_MAX_CLUSTER must be a positive integer");

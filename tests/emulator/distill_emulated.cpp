@@ -42,19 +42,22 @@ DistillResult distill_forward_emulated(const at::Tensor& student, const at::Tens
       const int64_t* y = prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr;
       const float* scale = grad_scale ? grad_scale->const_data_ptr<float>() : nullptr;
       S* g = compute_grad ? grad.data_ptr<S>() : nullptr;
-      const auto shape = cuda::choose_resident(cuda::cuda_kernel_mode(), s, prob.student.stride(0),
-                                               t, prob.teacher.stride(0), prob.n, prob.v, kPacks,
-                                               kThreads, cuda::kMaxCluster);
+      const std::string mode = cuda::cuda_kernel_mode();
+      const auto shape =
+          cuda::choose_resident(mode, s, prob.student.stride(0), t, prob.teacher.stride(0), prob.n,
+                                prob.v, kPacks, kThreads, cuda::kMaxCluster);
       if (shape.cluster > 0) {
         emu::launch(static_cast<unsigned>(prob.n * shape.cluster), shape.threads, shape.cluster,
                     &cuda::distill_resident_kernel<S, Tt, kPacks>, s, t, prob.student.stride(0),
                     prob.teacher.stride(0), y, scale, hard.data_ptr<float>(),
                     soft.data_ptr<float>(), g, prob.v, prob.params);
       } else {
-        emu::launch(
-            static_cast<unsigned>(prob.n), cuda::threads_for(prob.v, cuda::pack_width<S, Tt>()), 1,
-            &cuda::distill_rows_kernel<S, Tt>, s, t, prob.student.stride(0), prob.teacher.stride(0),
-            y, scale, hard.data_ptr<float>(), soft.data_ptr<float>(), g, prob.v, prob.params);
+        const auto rows = mode == "lean" ? &cuda::distill_rows_kernel<S, Tt, true>
+                                         : &cuda::distill_rows_kernel<S, Tt>;
+        emu::launch(static_cast<unsigned>(prob.n),
+                    cuda::threads_for(prob.v, cuda::pack_width<S, Tt>()), 1, rows, s, t,
+                    prob.student.stride(0), prob.teacher.stride(0), y, scale,
+                    hard.data_ptr<float>(), soft.data_ptr<float>(), g, prob.v, prob.params);
       }
     });
   });
