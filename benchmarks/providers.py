@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,34 +55,6 @@ def plain_loss(student, teacher, labels, opts: LossOptions):
 
 def _kdfused(opts: LossOptions):
     return kdfused.FusedDistillLoss(**dataclasses.asdict(opts))
-
-
-def _kdfused_with(**env: str):
-    """kdfused with a CUDA kernel choice forced through the environment, for
-    side-by-side timings of the kernel variants."""
-
-    def make(opts: LossOptions):
-        loss = _kdfused(opts)
-
-        def call(s, t, y):
-            before = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                return loss(s, t, y)
-            finally:
-                for k, v in before.items():
-                    if v is None:
-                        del os.environ[k]
-                    else:
-                        os.environ[k] = v
-
-        return call
-
-    return make
-
-
-def _cuda_only(device: str) -> str | None:
-    return None if device == "cuda" else f"a choice between CUDA kernels, not for {device}"
 
 
 def _eager(opts: LossOptions):
@@ -134,21 +105,6 @@ PROVIDERS = {
     p.name: p
     for p in (
         Provider("kdfused", _kdfused),
-        # The CUDA kernel variants under measurement (csrc/cuda/distill_kernel.cuh):
-        # the register-resident kernel wherever it fits, the streaming kernel's
-        # lean form, and that with at most 2 or 1 rows per multiprocessor.
-        Provider("kdfused-resident", _kdfused_with(KDFUSED_CUDA_KERNEL="auto"), _cuda_only),
-        Provider("kdfused-lean", _kdfused_with(KDFUSED_CUDA_KERNEL="lean"), _cuda_only),
-        Provider(
-            "kdfused-lean-r2",
-            _kdfused_with(KDFUSED_CUDA_KERNEL="lean", KDFUSED_CUDA_ROWS_PER_SM="2"),
-            _cuda_only,
-        ),
-        Provider(
-            "kdfused-lean-r1",
-            _kdfused_with(KDFUSED_CUDA_KERNEL="lean", KDFUSED_CUDA_ROWS_PER_SM="1"),
-            _cuda_only,
-        ),
         Provider("eager", _eager),
         Provider("compile", _compiled),
         Provider("liger", _liger, _liger_missing),

@@ -63,17 +63,8 @@ def _route_to_emulator(patch):
 
 
 @pytest.fixture
-def emulator(monkeypatch):
-    """The op routed to the emulator (tests that choose the kernel themselves)."""
-    return _route_to_emulator(monkeypatch)
-
-
-@pytest.fixture(params=["stream", "lean", "auto"])
-def emulated(request, monkeypatch):
-    """The op routed to the emulator, once with the streaming kernel (the
-    default), once with its lean form and once with the resident kernel
-    wherever it fits."""
-    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", request.param)
+def emulated(monkeypatch):
+    """The op routed to the emulator."""
     return _route_to_emulator(monkeypatch)
 
 
@@ -87,118 +78,6 @@ def test_sizes_and_dtypes(emulated, n, vocab, dtype, divergence):
     t = make_logits((n, vocab), torch.bfloat16, seed=81)
     y = make_labels((n,), vocab, "some")
     check_against_oracle(s, t, y, divergence=divergence)
-
-
-# The emulator runs the resident kernel at 2 packs per thread and at most 64
-# threads per block (32 preferred), so these rows take clusters of 1 to 16.
-@pytest.mark.parametrize(
-    "n,vocab,dtype",
-    [
-        (3, 8, torch.bfloat16),  # one pack per row: one block, one busy thread
-        (4, 1000, torch.float32),  # 250 packs: 4 blocks of 32 threads, the last partly empty
-        (2, 4096, torch.float16),  # 512 packs: 8 blocks
-        (2, 8192, torch.bfloat16),  # 1024 packs: 16 blocks of 32 threads
-        (1, 16384, torch.bfloat16),  # 2048 packs: 16 blocks of 64 threads, the largest row
-    ],
-)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_resident_kernel(emulator, monkeypatch, n, vocab, dtype, divergence):
-    """The register-resident kernel (forced: an error if it did not take the
-    problem), with rows split over clusters of 1 to 16 blocks."""
-    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
-    s = make_logits((n, vocab), dtype, seed=96)
-    t = make_logits((n, vocab), torch.bfloat16, seed=97)
-    y = make_labels((n,), vocab, "some")
-    check_against_oracle(s, t, y, divergence=divergence, temperature=2.0)
-
-
-def test_cluster_limit(emulator, monkeypatch):
-    """KDFUSED_CUDA_MAX_CLUSTER lowers the cluster size: the largest row then
-    no longer fits the resident kernel, a smaller one takes fewer, larger blocks."""
-    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
-    monkeypatch.setenv("KDFUSED_CUDA_MAX_CLUSTER", "4")
-    big = make_logits((1, 16384), torch.bfloat16, seed=102)
-    with pytest.raises(RuntimeError, match="the resident kernel does not take this problem"):
-        emulator(big, big, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
-    s = make_logits((3, 2048), torch.bfloat16, seed=103)  # 256 packs: 4 blocks of 32
-    t = make_logits((3, 2048), torch.bfloat16, seed=104)
-    check_against_oracle(s, t, make_labels((3,), 2048, "some"), divergence="jsd")
-    monkeypatch.setenv("KDFUSED_CUDA_MAX_CLUSTER", "0")
-    with pytest.raises(ValueError, match="KDFUSED_CUDA_MAX_CLUSTER must be a positive integer"):
-        emulator(s, t, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
-
-
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_resident_and_streaming_kernels_agree(emulator, monkeypatch, divergence):
-    """The two kernels sum in other orders: equal up to float32 rounding."""
-    s = make_logits((5, 4000), seed=98)
-    t = make_logits((5, 4000), seed=99)
-    y = make_labels((5,), 4000, "some")
-    args = (s, t, y, None, 2.0, 0.5, divergence, 0.5, -100, True, True)
-    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
-    resident = emulator(*args)
-    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "stream")
-    streaming = emulator(*args)
-    for a, b in zip(resident, streaming, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize(
-    "vocab,offset,why",
-    [(1001, 0, "V not a multiple of the pack"), (2056, 1, "rows off pack alignment")],
-)
-def test_resident_kernel_refuses_what_it_cannot_take(emulator, monkeypatch, vocab, offset, why):
-    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "resident")
-    base = make_logits((2 * vocab + offset,), seed=100)
-    s = base[offset:].view(2, vocab)
-    with pytest.raises(RuntimeError, match="the resident kernel does not take this problem"):
-        emulator(s, s, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
-    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "auto")
-    check_against_oracle(s, s.flip(1), None, alpha=0.0)  # the streaming kernel takes it
-
-
-def test_default_is_the_streaming_kernel(emulator, monkeypatch):
-    """Unset, KDFUSED_CUDA_KERNEL means stream until the resident kernel has
-    passed the CUDA suite on a GPU (csrc/cuda/distill_kernel.cuh)."""
-    s = make_logits((3, 4000), seed=105)
-    t = make_logits((3, 4000), seed=106)
-    args = (s, t, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
-    monkeypatch.delenv("KDFUSED_CUDA_KERNEL", raising=False)
-    default = emulator(*args)
-    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "stream")
-    streaming = emulator(*args)
-    for a, b in zip(default, streaming, strict=True):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
-@pytest.mark.parametrize("vocab", [4000, 4001])
-def test_lean_and_streaming_kernels_agree(emulator, monkeypatch, divergence, temperature, vocab):
-    """The lean form changes no arithmetic of pass 1 or of the gradient: the
-    KLs' numbers are bit-identical (masked logits included, so that both of
-    pass 1's paths run); JSD's pass sums in another order: equal up to rounding."""
-    s = make_logits((6, vocab), seed=107)
-    t = make_logits((6, vocab), seed=108)
-    s[0, :100] = -float("inf")  # a row that starts with anchors at -inf
-    t[1, 50:70] = -float("inf")
-    y = make_labels((6,), vocab, "some")
-    args = (s, t, y, None, temperature, 0.5, divergence, 0.5, -100, True, True)
-    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "lean")
-    lean = emulator(*args)
-    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "stream")
-    streaming = emulator(*args)
-    for a, b in zip(lean, streaming, strict=True):
-        exact = divergence != "jsd"  # (row 1 of reverse KL is inf / NaN: p_t = 0 < p_s)
-        tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-5, "atol": 1e-7}
-        torch.testing.assert_close(a, b, equal_nan=True, **tol)
-
-
-def test_unknown_kernel_choice(emulator, monkeypatch):
-    monkeypatch.setenv("KDFUSED_CUDA_KERNEL", "fast")
-    s = make_logits((2, 64), seed=101)
-    with pytest.raises(ValueError, match="KDFUSED_CUDA_KERNEL must be stream, lean, auto or"):
-        emulator(s, s, None, None, 2.0, 0.0, "forward_kl", 0.5, -100, True, True)
 
 
 @pytest.mark.parametrize("s_offset,t_offset", [(1, 1), (3, 3), (1, 2), (0, 5), (7, 0)])
@@ -265,6 +144,22 @@ def test_masked_and_nan(emulated, divergence):
     assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2, 3]]).all()
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_masked_prefix(emulated, divergence):
+    """Every thread's first pack masked (512 threads x 4 floats), in both
+    models or in one (the one where the divergence stays finite: 0 log 0):
+    each thread's state starts with -inf anchors and takes pass 1's path for
+    finite anchors from its second pack on."""
+    s = make_logits((3, 5000), seed=109)
+    t = make_logits((3, 5000), seed=110)
+    one = s if divergence == "reverse_kl" else t
+    s[0, :2100] = t[0, :2100] = -torch.inf
+    one[1, :2100] = -torch.inf
+    one[2, 1000:3000] = -torch.inf
+    out, grad = check_against_oracle(s, t, torch.tensor([4000, 4500, 4999]), divergence=divergence)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+
+
 def test_no_labels_and_no_grad(emulated):
     s = make_logits((5, 777), seed=88)
     t = make_logits((5, 777), seed=89)
@@ -305,9 +200,6 @@ def test_property(problem):
     """The property test of test_property.py, through the emulated kernel.
     (A context manager, not the fixture: hypothesis reruns the body.)"""
     s, t, labels, upstream, options = problem
-    # The resident kernel wherever it fits (else the streaming one), then the lean one.
-    for kernel in ("auto", "lean"):
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("KDFUSED_CUDA_KERNEL", kernel)
-            _route_to_emulator(patch)
-            check_against_oracle(s, t, labels, upstream, **options)
+    with pytest.MonkeyPatch.context() as patch:
+        _route_to_emulator(patch)
+        check_against_oracle(s, t, labels, upstream, **options)

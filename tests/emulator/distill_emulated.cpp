@@ -1,8 +1,6 @@
 // kdfused_emulated::distill_forward: the CUDA kernel of csrc/cuda/ run on CPU
 // tensors by cuda_emulator.h, behind the same schema and the same launch
-// configuration logic as the real CUDA op (csrc/cuda/distill_cuda.cu): the
-// resident kernel where it fits (KDFUSED_CUDA_KERNEL as there), else the
-// streaming one.
+// configuration logic as the real CUDA op (csrc/cuda/distill_cuda.cu).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -14,12 +12,6 @@
 
 namespace kdfused {
 namespace {
-
-// The resident kernel at a smaller shape than on the GPU (2 packs per thread,
-// at most 64 threads per block), so that small rows already take clusters of
-// several blocks and the emulator's thread count stays modest.
-constexpr int kPacks = 2;
-constexpr int kThreads = 64;
 
 DistillResult distill_forward_emulated(const at::Tensor& student, const at::Tensor& teacher,
                                        const std::optional<at::Tensor>& labels,
@@ -42,23 +34,10 @@ DistillResult distill_forward_emulated(const at::Tensor& student, const at::Tens
       const int64_t* y = prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr;
       const float* scale = grad_scale ? grad_scale->const_data_ptr<float>() : nullptr;
       S* g = compute_grad ? grad.data_ptr<S>() : nullptr;
-      const std::string mode = cuda::cuda_kernel_mode();
-      const auto shape =
-          cuda::choose_resident(mode, s, prob.student.stride(0), t, prob.teacher.stride(0), prob.n,
-                                prob.v, kPacks, kThreads, cuda::kMaxCluster);
-      if (shape.cluster > 0) {
-        emu::launch(static_cast<unsigned>(prob.n * shape.cluster), shape.threads, shape.cluster,
-                    &cuda::distill_resident_kernel<S, Tt, kPacks>, s, t, prob.student.stride(0),
-                    prob.teacher.stride(0), y, scale, hard.data_ptr<float>(),
-                    soft.data_ptr<float>(), g, prob.v, prob.params);
-      } else {
-        const auto rows = mode == "lean" ? &cuda::distill_rows_kernel<S, Tt, true>
-                                         : &cuda::distill_rows_kernel<S, Tt>;
-        emu::launch(static_cast<unsigned>(prob.n),
-                    cuda::threads_for(prob.v, cuda::pack_width<S, Tt>()), 1, rows, s, t,
-                    prob.student.stride(0), prob.teacher.stride(0), y, scale,
-                    hard.data_ptr<float>(), soft.data_ptr<float>(), g, prob.v, prob.params);
-      }
+      emu::launch(
+          static_cast<unsigned>(prob.n), cuda::threads_for(prob.v, cuda::pack_width<S, Tt>()),
+          &cuda::distill_rows_kernel<S, Tt>, s, t, prob.student.stride(0), prob.teacher.stride(0),
+          y, scale, hard.data_ptr<float>(), soft.data_ptr<float>(), g, prob.v, prob.params);
     });
   });
   // What CUDA reports at the next synchronisation after a device-side assert.
