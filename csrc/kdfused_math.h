@@ -468,6 +468,7 @@ C10_HOST_DEVICE inline decltype(auto) with_divergence(Divergence d, F&& f) {
 template <Divergence D, bool kHard, bool kSoft, bool kT2>
 struct GradVariant {
   static constexpr Divergence kDivergence = D;
+  static constexpr bool kHasHard = kHard, kHasSoft = kSoft, kTIs2 = kT2;
   KDFUSED_HOT static float element(float s, float t, bool is_label, const RowConsts& c,
                                    const LossParams& p) {
     return grad_element_as<D, kHard, kSoft, kT2>(s, t, is_label, c, p);

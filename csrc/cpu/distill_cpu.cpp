@@ -210,9 +210,10 @@ using GradFn = void (*)(float*, const float*, const float*, const float*, const 
 constexpr int kHardSoftT2 = 4;
 
 inline int grad_variant(const LossParams& p) {
-  const bool hard = p.has_labels && p.alpha != 0.f;
-  const bool soft = p.soft_coef != 0.f;
-  return hard && soft && p.t_is_2 ? kHardSoftT2 : 2 * hard + soft;
+  return with_grad_variant(p, [](auto variant) {
+    using V = decltype(variant);
+    return V::kTIs2 ? kHardSoftT2 : 2 * V::kHasHard + V::kHasSoft;
+  });
 }
 
 // Whether a variant's hard term takes softmax(s) from the logits (2 * hard +
