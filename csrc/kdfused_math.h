@@ -285,6 +285,13 @@ KDFUSED_HOT ScaledExps accumulate_terms(float s, float t, float ms, float mt, fl
   return ScaledExps{es, et};
 }
 
+// Whether a state's anchors are all finite: then accumulate_terms may take
+// finite_anchors (x - m needs no select for x = -inf: -inf - finite is -inf).
+C10_HOST_DEVICE inline bool anchors_finite(const RowStats& st) {
+  using std::isfinite;
+  return isfinite(st.ms) && isfinite(st.mt) && isfinite(st.ref);
+}
+
 // Adds one element (s <= st.ms and t <= st.mt, or NaN).
 C10_HOST_DEVICE inline void stats_accumulate(RowStats& st, float s, float t, float inv_t,
                                              Z1 z1_how) {

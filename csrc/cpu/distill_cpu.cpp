@@ -121,9 +121,8 @@ KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, in
     }
   }
   stats_raise(st, cms, cmt, t_at, inv_t);
-  // Finite anchors (every chunk after the first finite logits) skip below()'s
-  // selects: -inf - finite is already -inf.
-  if (std::isfinite(st.ms) && std::isfinite(st.mt) && std::isfinite(st.ref)) {
+  // Finite anchors (every chunk after the first finite logits) skip below()'s selects.
+  if (anchors_finite(st)) {
     add_chunk<kZ1, true>(st, s, t, len, inv_t, es, et);
   } else {
     add_chunk<kZ1, false>(st, s, t, len, inv_t, es, et);

@@ -170,13 +170,6 @@ __device__ void write_row_losses(float* hard, float* soft, int64_t i, const S* s
   soft[i] = p.soft_scale * c.div;
 }
 
-// Whether a state's anchors are all finite: then x - m needs no select for
-// x = -inf (-inf - finite is -inf already).
-__device__ inline bool anchors_finite(const RowStats& st) {
-  using std::isfinite;
-  return isfinite(st.ms) && isfinite(st.mt) && isfinite(st.ref);
-}
-
 // Calls f(std::integral_constant<Z1, ...>) for the run-time z1 mode.
 template <typename F>
 __device__ void with_z1(Z1 how, F&& f) {
