@@ -263,10 +263,23 @@ C10_HOST_DEVICE inline void stats_raise(RowStats& st, const float* s, const floa
 // anchors ms, mt, ref (fields passed one by one, so that a CPU kernel can keep
 // its partial sums in SIMD lanes). Returns exp((s - ms) / T), exp((t - mt) / T),
 // which a kernel may keep: times a per-anchor factor they are p_s and p_t.
+// kWs, kWt: whether to add to ws and wt. Only one divergence reads each
+// (reverse KL ws, forward KL wt; JSD neither: sums_for), and a kernel that
+// knows its divergence saves the other's arithmetic; the skipped sum is
+// then meaningless and must not be read.
 struct ScaledExps {
   float es, et;
 };
 
+struct WeightedSums {
+  bool ws, wt;
+};
+
+constexpr WeightedSums sums_for(Divergence d) {
+  return WeightedSums{d == Divergence::kReverseKL, d == Divergence::kForwardKL};
+}
+
+template <bool kWs = true, bool kWt = true>
 KDFUSED_HOT ScaledExps accumulate_terms(float s, float t, float ms, float mt, float ref,
                                         float inv_t, Z1 z1_how, float& zs, float& zt, float& z1,
                                         float& ws, float& wt, bool finite_anchors = false) {
@@ -278,8 +291,8 @@ KDFUSED_HOT ScaledExps accumulate_terms(float s, float t, float ms, float mt, fl
   const float et = kd_exp_nonpos(dt * inv_t);
   zs += es;
   zt += et;
-  ws += weighted(es, (ds - (finite_anchors ? t - ref : below(t, ref))) * inv_t);
-  wt += weighted(et, (dt - ds) * inv_t);
+  if (kWs) ws += weighted(es, (ds - (finite_anchors ? t - ref : below(t, ref))) * inv_t);
+  if (kWt) wt += weighted(et, (dt - ds) * inv_t);
   if (z1_how == Z1::kExp) z1 += kd_exp_nonpos(ds);
   if (z1_how == Z1::kSquare) z1 += es * es;
   return ScaledExps{es, et};

@@ -74,23 +74,25 @@ KDFUSED_INLINE void chunk_max(const float* s, const float* t, int64_t len, float
 }
 
 // Adds a chunk to a state whose anchors already cover it, keeping the exps.
-template <Z1 kZ1, bool kFinite>
+// Only the weighted sum divergence kD reads is formed (sums_for).
+template <Divergence kD, Z1 kZ1, bool kFinite>
 KDFUSED_INLINE void add_chunk(RowStats& st, const float* s, const float* t, int64_t len,
                               float inv_t, float* es, float* et) {
+  constexpr WeightedSums kSums = sums_for(kD);
   const float ms = st.ms, mt = st.mt, ref = st.ref;
   float zs[kLanes] = {}, zt[kLanes] = {}, z1[kLanes] = {}, ws[kLanes] = {}, wt[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= len; k += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const ScaledExps e = accumulate_terms(s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l],
-                                            zt[l], z1[l], ws[l], wt[l], kFinite);
+      const ScaledExps e = accumulate_terms<kSums.ws, kSums.wt>(
+          s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l], zt[l], z1[l], ws[l], wt[l], kFinite);
       es[k + l] = e.es;
       et[k + l] = e.et;
     }
   }
   for (int l = 0; k + l < len; ++l) {
-    const ScaledExps e = accumulate_terms(s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l], zt[l],
-                                          z1[l], ws[l], wt[l], kFinite);
+    const ScaledExps e = accumulate_terms<kSums.ws, kSums.wt>(
+        s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l], zt[l], z1[l], ws[l], wt[l], kFinite);
     es[k + l] = e.es;
     et[k + l] = e.et;
   }
@@ -106,7 +108,7 @@ KDFUSED_INLINE void add_chunk(RowStats& st, const float* s, const float* t, int6
 // each element's exp((s - ms) / T), exp((t - mt) / T) in es, et (for this
 // chunk's anchors; the later passes scale them to p_s, p_t instead of taking
 // more exps).
-template <Z1 kZ1>
+template <Divergence kD, Z1 kZ1>
 KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, int64_t len,
                                 float inv_t, float* es, float* et) {
   float cms, cmt;
@@ -123,9 +125,9 @@ KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, in
   stats_raise(st, cms, cmt, t_at, inv_t);
   // Finite anchors (every chunk after the first finite logits) skip below()'s selects.
   if (anchors_finite(st)) {
-    add_chunk<kZ1, true>(st, s, t, len, inv_t, es, et);
+    add_chunk<kD, kZ1, true>(st, s, t, len, inv_t, es, et);
   } else {
-    add_chunk<kZ1, false>(st, s, t, len, inv_t, es, et);
+    add_chunk<kD, kZ1, false>(st, s, t, len, inv_t, es, et);
   }
 }
 
@@ -220,11 +222,14 @@ inline int grad_variant(const LossParams& p) {
 inline bool hard_from_logits(int variant) { return variant == 2 || variant == 3; }
 
 struct ChunkKernels {
-  StatsFn stats[3];  // [Z1 mode]
+  StatsFn stats[3][3];  // [divergence][Z1 mode]
   JsdFn jsd;
   GradFn grad[3][5];  // [divergence][grad_variant]
   StoreBf16Fn store_bf16;
 };
+
+#define KDFUSED_STATS(NAME, D) \
+  {NAME##_stats<D, Z1::kNone>, NAME##_stats<D, Z1::kExp>, NAME##_stats<D, Z1::kSquare>}
 
 #define KDFUSED_GRADS(NAME, D)                                              \
   {NAME##_grad<D, false, false, false>, NAME##_grad<D, false, true, false>, \
@@ -232,10 +237,10 @@ struct ChunkKernels {
    NAME##_grad<D, true, true, true>}
 
 #define KDFUSED_CHUNK_KERNELS(NAME, ...)                                                         \
-  template <Z1 kZ1>                                                                              \
+  template <Divergence kD, Z1 kZ1>                                                               \
   __VA_ARGS__ void NAME##_stats(RowStats& st, const float* s, const float* t, int64_t len,       \
                                 float inv_t, float* es, float* et) {                             \
-    stats_chunk<kZ1>(st, s, t, len, inv_t, es, et);                                              \
+    stats_chunk<kD, kZ1>(st, s, t, len, inv_t, es, et);                                          \
   }                                                                                              \
   __VA_ARGS__ void NAME##_jsd(JsdSums& acc, const float* s, const float* t, const float* es,     \
                               float* et, int64_t len, ChunkScale f, const RowConsts& c,          \
@@ -252,7 +257,8 @@ struct ChunkKernels {
     store_bf16(out, x, len);                                                                     \
   }                                                                                              \
   const ChunkKernels NAME##_kernels = {                                                          \
-      {NAME##_stats<Z1::kNone>, NAME##_stats<Z1::kExp>, NAME##_stats<Z1::kSquare>},              \
+      {KDFUSED_STATS(NAME, Divergence::kForwardKL), KDFUSED_STATS(NAME, Divergence::kReverseKL), \
+       KDFUSED_STATS(NAME, Divergence::kJSD)},                                                   \
       NAME##_jsd,                                                                                \
       {KDFUSED_GRADS(NAME, Divergence::kForwardKL), KDFUSED_GRADS(NAME, Divergence::kReverseKL), \
        KDFUSED_GRADS(NAME, Divergence::kJSD)},                                                   \
@@ -296,7 +302,7 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
   const LossParams& p = a.p;
   const int64_t v = a.v;
   const int64_t chunks = (v + kChunk - 1) / kChunk;
-  const StatsFn stats = kernels.stats[static_cast<int>(z1_mode(p))];
+  const StatsFn stats = kernels.stats[static_cast<int>(p.div)][static_cast<int>(z1_mode(p))];
   const int variant = grad_variant(p);
   const GradFn grad = kernels.grad[static_cast<int>(p.div)][variant];
   // The gradient pass works from the kept exps; it reads the logits only for
