@@ -259,18 +259,8 @@ C10_HOST_DEVICE inline void stats_raise(RowStats& st, const float* s, const floa
   stats_raise(st, cms, cmt, t_at, inv_t);
 }
 
-// What one element (s <= ms, t <= mt, or NaN) adds to the sums of a state with
-// anchors ms, mt, ref (fields passed one by one, so that a CPU kernel can keep
-// its partial sums in SIMD lanes). Returns exp((s - ms) / T), exp((t - mt) / T),
-// which a kernel may keep: times a per-anchor factor they are p_s and p_t.
-// kWs, kWt: whether to add to ws and wt. Only one divergence reads each
-// (reverse KL ws, forward KL wt; JSD neither: sums_for), and a kernel that
-// knows its divergence saves the other's arithmetic; the skipped sum is
-// then meaningless and must not be read.
-struct ScaledExps {
-  float es, et;
-};
-
+// Which weighted sums of RowStats a divergence reads: reverse KL ws (its KL
+// and mean_rs), forward KL wt, JSD neither.
 struct WeightedSums {
   bool ws, wt;
 };
@@ -278,6 +268,17 @@ struct WeightedSums {
 constexpr WeightedSums sums_for(Divergence d) {
   return WeightedSums{d == Divergence::kReverseKL, d == Divergence::kForwardKL};
 }
+
+// What one element (s <= ms, t <= mt, or NaN) adds to the sums of a state with
+// anchors ms, mt, ref (fields passed one by one, so that a CPU kernel can keep
+// its partial sums in SIMD lanes). Returns exp((s - ms) / T), exp((t - mt) / T),
+// which a kernel may keep: times a per-anchor factor they are p_s and p_t.
+// kWs, kWt: whether to add to ws and wt. Only one divergence reads each
+// (sums_for), and a kernel that knows its divergence saves the other's
+// arithmetic; the skipped sum is then meaningless and must not be read.
+struct ScaledExps {
+  float es, et;
+};
 
 template <bool kWs = true, bool kWt = true>
 KDFUSED_HOT ScaledExps accumulate_terms(float s, float t, float ms, float mt, float ref,

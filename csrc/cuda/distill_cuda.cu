@@ -22,13 +22,12 @@ template <typename S, typename Tt>
 void launch(const DistillProblem& prob, const std::optional<at::Tensor>& grad_scale,
             at::Tensor& hard, at::Tensor& soft, at::Tensor& grad, bool compute_grad) {
   const int threads = threads_for(prob.v, pack_width<S, Tt>());
-  distill_rows_kernel<S, Tt>
-      <<<static_cast<unsigned>(prob.n), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          prob.student.const_data_ptr<S>(), prob.teacher.const_data_ptr<Tt>(),
-          prob.student.stride(0), prob.teacher.stride(0),
-          prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr,
-          grad_scale ? grad_scale->const_data_ptr<float>() : nullptr, hard.data_ptr<float>(),
-          soft.data_ptr<float>(), compute_grad ? grad.data_ptr<S>() : nullptr, prob.v, prob.params);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  distill_rows_kernel<S, Tt><<<static_cast<unsigned>(prob.n), threads, 0, stream>>>(
+      prob.student.const_data_ptr<S>(), prob.teacher.const_data_ptr<Tt>(), prob.student.stride(0),
+      prob.teacher.stride(0), prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr,
+      grad_scale ? grad_scale->const_data_ptr<float>() : nullptr, hard.data_ptr<float>(),
+      soft.data_ptr<float>(), compute_grad ? grad.data_ptr<S>() : nullptr, prob.v, prob.params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -20,7 +20,6 @@
 #include <limits>
 #include <type_traits>
 
-#include "../distill_op.h"
 #include "../kdfused_math.h"
 
 namespace kdfused {
@@ -144,16 +143,14 @@ __device__ T block_reduce(T x, Merge merge, const T& identity, T* smem) {
 // [0, V) is never read: it stops the kernel with a device-side assert, which
 // the host raises at its next synchronisation; thread 0 prints it first.
 __device__ inline bool label_readable(bool has_labels, int64_t label, int64_t i, int64_t v,
-                                      const LossParams& p, bool print) {
+                                      const LossParams& p) {
   const bool label_ok = !has_labels || (label >= 0 && label < v);
   if (!label_ok && threadIdx.x == 0) {
-    if (print) {
-      printf(
-          "kdfused: labels[%lld] = %lld is outside [0, V) with V = %lld and is not "
-          "ignore_index = %lld\n",
-          static_cast<long long>(i), static_cast<long long>(label), static_cast<long long>(v),
-          static_cast<long long>(p.ignore_index));
-    }
+    printf(
+        "kdfused: labels[%lld] = %lld is outside [0, V) with V = %lld and is not "
+        "ignore_index = %lld\n",
+        static_cast<long long>(i), static_cast<long long>(label), static_cast<long long>(v),
+        static_cast<long long>(p.ignore_index));
     CUDA_KERNEL_ASSERT(label_ok);
   }
   return label_ok;
@@ -214,7 +211,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3)
     }
     return;
   }
-  const bool label_ok = label_readable(labels != nullptr, label, i, v, p, true);
+  const bool label_ok = label_readable(labels != nullptr, label, i, v, p);
 
   const auto merge_stats = [&p](const RowStats& a, const RowStats& b) {
     return stats_merge(a, b, p.inv_t);
