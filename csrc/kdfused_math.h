@@ -90,7 +90,8 @@ C10_ALWAYS_INLINE float exp_core(float xc) {
 // exp and log of the hot loops. On the GPU the hardware's (nvcc
 // --use_fast_math). On the CPU branch-free polynomials, so that the compiler
 // vectorises the loops that call them (calls into libm would keep them scalar):
-// within about 1 ulp of expf / logf, with gradual underflow, +-inf and NaN kept.
+// within about 1 ulp of expf / logf. kd_exp keeps gradual underflow, +-inf and
+// NaN; kd_log_prob's domain is below.
 KDFUSED_HOT float kd_exp(float x) {
 #ifdef __CUDA_ARCH__
   return ::expf(x);
@@ -110,22 +111,25 @@ KDFUSED_HOT float kd_exp_nonpos(float x) {
 #endif
 }
 
-KDFUSED_HOT float kd_log(float x) {
+// log x for a probability, x in [0, 1] or NaN, with x below FLT_MIN taken as
+// FLT_MIN. Its one caller, log_mix, weights log m by p_t <= m / beta or
+// p_s <= m / (1 - beta), so an element with m < FLT_MIN moves a sum by at most
+// m log(FLT_MIN / m) <= FLT_MIN / e, while the GPU's flush of such m to 0
+// would have made log m = -inf and the sum inf. NaN stays NaN.
+KDFUSED_HOT float kd_log_prob(float x) {
+  const float xn = x < FLT_MIN ? FLT_MIN : x;  // NaN fails the test and is kept
 #ifdef __CUDA_ARCH__
-  return ::logf(x);
+  return ::logf(xn);
 #else
-  // x = 2^k m with m in [sqrt(1/2), sqrt(2)); with f = m - 1 (exact),
-  // log m = f - f^2 / 2 + f^3 q(f): q a degree-7 least-squares fit to
-  // (log1p(f) - f + f^2 / 2) / f^3 there (1.05 ulp at most, float arithmetic;
-  // no division, which the atanh form needed and which dominated JSD's pass).
-  const bool tiny = x < FLT_MIN;  // subnormals (and 0, negatives) scaled by 2^23 first
-  const float xs = tiny ? x * 8388608.f : x;
-  const int32_t bits = host::to_bits(xs);
-  int32_t k = ((bits >> 23) & 0xff) - 127 - (tiny ? 23 : 0);
-  float m = host::from_bits((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  k = big ? k + 1 : k;
+  // xn = 2^k m with m in [sqrt(1/2), sqrt(2)): subtracting sqrt(1/2)'s bits
+  // leaves k in the exponent field, so no compare is needed (musl's reduction);
+  // with f = m - 1 (exact), log m = f - f^2 / 2 + f^3 q(f): q a degree-7
+  // least-squares fit to (log1p(f) - f + f^2 / 2) / f^3 there (no division,
+  // which the atanh form needed). Within 1 ulp of log on [FLT_MIN, 1] (every
+  // 7th float checked against double).
+  const int32_t ix = host::to_bits(xn) - 0x3f3504f3;
+  const int32_t k = ix >> 23;  // arithmetic shift: negative below sqrt(1/2)
+  const float m = host::from_bits((ix & 0x007fffff) + 0x3f3504f3);
   const float f = m - 1.f;
   const float f2 = f * f;
   const float q01 = 0.33333329f + f * -0.25000846f;
@@ -136,8 +140,7 @@ KDFUSED_HOT float kd_log(float x) {
   const float log_m = f + f2 * (-0.5f + f * q);
   const float kf = static_cast<float>(k);
   const float y = kf * 0.693359375f + (log_m - kf * 2.12194440e-4f);
-  // log 0 = -inf, log(x < 0) = NaN, log inf = inf, NaN stays NaN.
-  return x == 0.f ? neg_inf() : (x < 0.f ? NAN : (x == INFINITY ? x : (x == x ? y : x)));
+  return xn == xn ? y : xn;
 #endif
 }
 
@@ -371,7 +374,7 @@ KDFUSED_HOT float log_pt(float t, const RowConsts& c, const LossParams& p) {
 
 // log m = log(beta p_t + (1 - beta) p_s), from the two probabilities.
 KDFUSED_HOT float log_mix(float pt, float ps, const LossParams& p) {
-  return kd_log(p.beta * pt + (1.f - p.beta) * ps);
+  return kd_log_prob(p.beta * pt + (1.f - p.beta) * ps);
 }
 
 // JSD pass 2: the two row sums KL(p_t || m) and KL(p_s || m).

@@ -52,6 +52,27 @@ def test_true_infinity(device, divergence, masked, where):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("beta", [0.2, 0.5])
+def test_jsd_mixture_below_flt_min(device, beta):
+    """A teacher probability just above FLT_MIN where the student has none: the
+    mixture m = beta p_t is subnormal, which a GPU flushes to 0. Taken as
+    log m = -inf it would make that element's share of KL(p_t || m), about
+    1e-38, infinite."""
+    flt_min = torch.finfo(torch.float32).tiny
+    s = make_logits((3, 64), device=device, seed=40)
+    t = make_logits((3, 64), device=device, seed=41)
+    t[0] = -1e4
+    t[0, 0] = 0.0
+    t[0, 5] = math.log(1.5 * flt_min)  # T = 1: p_t[5] = 1.5 FLT_MIN (z_t = 1)
+    s[0, 5] = -math.inf  # p_s[5] = 0
+    y = make_labels((3,), 64, "none", device=device)
+    out, grad = check_against_oracle(
+        s, t, y, divergence="jsd", beta=beta, temperature=1.0, reduction="none"
+    )
+    assert torch.isfinite(out.loss).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("offset", [1e4, -1e4, 0.0])
 def test_large_logits(device, divergence, offset):
