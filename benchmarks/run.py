@@ -1,4 +1,4 @@
-"""Benchmark CLI: provider x mode x size, side by side in one process.
+"""Benchmark CLI: provider x divergence x mode x size, side by side in one process.
 
     python -m benchmarks.run --device cuda --dtype bfloat16 --sizes 8192x128256 \\
         --providers kdfused,eager,compile,liger --csv out.csv --md out.md
@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
+import dataclasses
 import datetime
+import itertools
 import os
 import platform
 import statistics
@@ -33,6 +35,7 @@ from .providers import PROVIDERS, LossOptions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("forward", "backward", "full")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
 def commit() -> str:
@@ -166,14 +169,14 @@ def bench_one(loss_fn, inputs, mode, device, warmup, reps):
 
 
 def conditions(device: str, dtype: str, opts: LossOptions) -> dict:
-    """What every row names: machine, software, commit, date and loss options."""
+    """What every row names: machine, software, commit, date and loss options
+    (the divergence is set per row)."""
     return dict(
         device=device_name(device),
         torch=torch.__version__,
         commit=commit(),
         date=datetime.date.today().isoformat(),
         dtype=dtype,
-        divergence=opts.divergence,
         temperature=opts.temperature,
         alpha=opts.alpha,
     )
@@ -199,12 +202,7 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 def run(args) -> list[dict]:
     device, dtype = args.device, DTYPES[args.dtype]
-    opts = LossOptions(
-        temperature=args.temperature,
-        alpha=args.alpha,
-        divergence=args.divergence,
-        beta=args.beta,
-    )
+    opts = LossOptions(temperature=args.temperature, alpha=args.alpha, beta=args.beta)
     meta = conditions(device, args.dtype, opts)
     rows = []
     for n, v in parse_sizes(args.sizes):
@@ -217,16 +215,18 @@ def run(args) -> list[dict]:
             if why:
                 print(f"skipped {name}: {why}", file=sys.stderr)
                 continue
-            loss_fn = provider.make(opts)
-            for mode in args.modes.split(","):
+            for divergence, mode in itertools.product(
+                args.divergence.split(","), args.modes.split(",")
+            ):
+                loss_fn = provider.make(dataclasses.replace(opts, divergence=divergence))
                 try:
                     seconds, peak = bench_one(loss_fn, inputs, mode, device, args.warmup, args.reps)
                 except torch.OutOfMemoryError:
-                    print(f"{name} {mode} {n}x{v}: out of memory", file=sys.stderr)
+                    print(f"{name} {divergence} {mode} {n}x{v}: out of memory", file=sys.stderr)
                     if device == "cuda":
                         torch.cuda.empty_cache()
                     continue
-                row = dict(meta, provider=name, mode=mode, n=n, v=v)
+                row = dict(meta, divergence=divergence, provider=name, mode=mode, n=n, v=v)
                 row.update(
                     ms=round(seconds * 1e3, 3),
                     peak_mib=round(peak / 2**20, 1),
@@ -248,24 +248,26 @@ FIELDS = META + COLUMNS + ["copy_gbps"]
 
 
 def format_row(row) -> str:
-    return "  ".join(f"{k}={row.get(k, '')}" for k in COLUMNS)
+    return "  ".join(f"{k}={row.get(k, '')}" for k in COLUMNS + ["divergence"])
 
 
 def markdown(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)\n"
     first = rows[0]
+    divergences = sorted({row["divergence"] for row in rows})
+    columns = (["divergence"] if len(divergences) > 1 else []) + COLUMNS
     head = (
         f"{first['device']}, torch {first['torch']}, commit {first['commit']}, {first['date']}; "
-        f"{first['dtype']}, {first['divergence']}, T = {first['temperature']}, "
+        f"{first['dtype']}, {', '.join(divergences)}, T = {first['temperature']}, "
         f"alpha = {first['alpha']}; median times; copy bandwidth {first['copy_gbps']} GB/s\n\n"
     )
     lines = [
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for row in rows:
-        lines.append("| " + " | ".join(str(row.get(k, "")) for k in COLUMNS) + " |")
+        lines.append("| " + " | ".join(str(row.get(k, "")) for k in columns) + " |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -276,7 +278,9 @@ def main(argv=None):
     parser.add_argument("--sizes", default="4096x32000", help="NxV[,NxV...]")
     parser.add_argument("--providers", default="kdfused,eager,compile,liger")
     parser.add_argument("--modes", default="full", help=",".join(MODES))
-    parser.add_argument("--divergence", default="forward_kl")
+    parser.add_argument(
+        "--divergence", default="forward_kl", help="forward_kl,reverse_kl,jsd: one or several"
+    )
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--beta", type=float, default=0.5)
@@ -290,6 +294,9 @@ def main(argv=None):
     for mode in args.modes.split(","):
         if mode not in MODES:
             parser.error(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+    for name in args.divergence.split(","):
+        if name not in DIVERGENCES:
+            parser.error(f"unknown divergence {name!r}: choose from {', '.join(DIVERGENCES)}")
     for name in args.providers.split(","):
         if name not in PROVIDERS:
             parser.error(f"unknown provider {name!r}: choose from {', '.join(PROVIDERS)}")

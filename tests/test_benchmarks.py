@@ -32,6 +32,22 @@ def test_rows_name_their_conditions(bench_csv):
     assert {(r["n"], r["v"]) for r in rows} == {("8", "64"), ("8", "128"), ("16", "64")}
 
 
+def test_several_divergences(tmp_path):
+    """One run over several divergences: a row per divergence, each named, and
+    the markdown table gets a divergence column."""
+    path, md = tmp_path / "rows.csv", tmp_path / "rows.md"
+    run.main(
+        ["--device", "cpu", "--sizes", "8x64", "--providers", "kdfused", "--warmup", "0"]
+        + ["--reps", "1", "--divergence", "jsd,forward_kl", "--csv", str(path), "--md", str(md)]
+    )
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["divergence"] for r in rows] == ["jsd", "forward_kl"]
+    assert "| divergence | provider |" in md.read_text()
+    with pytest.raises(SystemExit):
+        run.main(["--device", "cpu", "--divergence", "kl"])
+
+
 def test_plot(bench_csv, tmp_path):
     out = tmp_path / "plot.png"
     plot.main([str(bench_csv), "-o", str(out)])
