@@ -4,7 +4,8 @@
         --providers kdfused,eager,compile,liger --csv out.csv --md out.md
 
 Times are medians over --reps runs after --warmup runs (CUDA events on GPU,
-perf_counter on CPU). Modes: "forward" (the loss call, graph built), "backward"
+perf_counter on CPU); with --interleave a provider's divergences and modes take
+turns run by run, for ratios between them on a noisy machine. Modes: "forward" (the loss call, graph built), "backward"
 (loss.backward() alone) and "full" (both). Peak memory is what one full step
 allocates beyond its inputs: torch.cuda.max_memory_allocated on GPU, peak RSS
 growth (VmHWM after resetting it) on CPU; also given in N x V student-dtype
@@ -152,20 +153,29 @@ def make_step(loss_fn, inputs, mode):
     return prepare, {"forward": forward, "backward": backward, "full": full}[mode]
 
 
-def bench_one(loss_fn, inputs, mode, device, warmup, reps):
-    """(median seconds, peak bytes of one full step)."""
-    prepare, timed = make_step(loss_fn, inputs, mode)
+def bench_cases(cases, inputs, device, warmup, reps, interleave=False):
+    """[(median seconds, peak bytes of one full step)] for each (loss_fn, mode)
+    case. interleave: the cases take turns run by run instead of one after the
+    other, so that a slow spell of the machine falls on all of them alike (for
+    ratios between them on a noisy machine)."""
+    steps = [make_step(loss_fn, inputs, mode) for loss_fn, mode in cases]
     timer = Timer(device)
-    times = []
-    for i in range(warmup + reps):
+    times = [[] for _ in steps]
+    runs = [(i, k) for i in range(warmup + reps) for k in range(len(steps))]
+    if not interleave:
+        runs.sort(key=lambda run: run[1])
+    for i, k in runs:
+        prepare, timed = steps[k]
         prepare()
         elapsed = timer(timed)
         if i >= warmup:
-            times.append(elapsed)
-    prepare_full, full = make_step(loss_fn, inputs, "full")
-    prepare_full()
-    peak = PeakMemory(device)(full)
-    return statistics.median(times), peak
+            times[k].append(elapsed)
+    results = []
+    for (loss_fn, _), t in zip(cases, times, strict=True):
+        prepare_full, full = make_step(loss_fn, inputs, "full")
+        prepare_full()
+        results.append((statistics.median(t), PeakMemory(device)(full)))
+    return results
 
 
 def conditions(device: str, dtype: str, opts: LossOptions) -> dict:
@@ -215,17 +225,35 @@ def run(args) -> list[dict]:
             if why:
                 print(f"skipped {name}: {why}", file=sys.stderr)
                 continue
-            for divergence, mode in itertools.product(
-                args.divergence.split(","), args.modes.split(",")
-            ):
-                loss_fn = provider.make(dataclasses.replace(opts, divergence=divergence))
+            cases = [
+                (divergence, mode, provider.make(dataclasses.replace(opts, divergence=divergence)))
+                for divergence, mode in itertools.product(
+                    args.divergence.split(","), args.modes.split(",")
+                )
+            ]
+            # Interleaved cases are timed together; otherwise one by one, so
+            # that an out-of-memory case loses only its own row.
+            groups = [cases] if args.interleave else [[case] for case in cases]
+            measured = []
+            for group in groups:
                 try:
-                    seconds, peak = bench_one(loss_fn, inputs, mode, device, args.warmup, args.reps)
+                    results = bench_cases(
+                        [(fn, mode) for _, mode, fn in group],
+                        inputs,
+                        device,
+                        args.warmup,
+                        args.reps,
+                        args.interleave,
+                    )
                 except torch.OutOfMemoryError:
-                    print(f"{name} {divergence} {mode} {n}x{v}: out of memory", file=sys.stderr)
+                    what = ", ".join(f"{d} {m}" for d, m, _ in group)
+                    print(f"{name} {what} {n}x{v}: out of memory", file=sys.stderr)
                     if device == "cuda":
                         torch.cuda.empty_cache()
                     continue
+                for (divergence, mode, _), result in zip(group, results, strict=True):
+                    measured.append((divergence, mode, *result))
+            for divergence, mode, seconds, peak in measured:
                 row = dict(meta, divergence=divergence, provider=name, mode=mode, n=n, v=v)
                 row.update(
                     ms=round(seconds * 1e3, 3),
@@ -284,6 +312,11 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time a provider's divergences and modes in turns, run by run",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--csv", help="write the rows to this CSV file")

@@ -70,3 +70,24 @@ def test_plot_refuses_rows_of_several_runs(bench_csv, tmp_path):
         plot.load(str(mixed))
     with pytest.raises(SystemExit, match="no full-step jsd rows"):
         plot.load(str(bench_csv), divergence="jsd")
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_interleave_takes_turns(interleave):
+    calls = []
+
+    def loss(tag):
+        def fn(s, t, y):
+            calls.append(tag)
+            return s.sum()
+
+        return fn
+
+    inputs = run.make_inputs(2, 8, run.torch.float32, "cpu")
+    results = run.bench_cases(
+        [(loss("a"), "forward"), (loss("b"), "forward")], inputs, "cpu", 1, 2, interleave
+    )
+    assert len(results) == 2 and all(seconds > 0 for seconds, _ in results)
+    timed = calls[:6]  # 3 runs each (1 warm-up + 2), then one peak-memory step each
+    assert timed == (["a", "b"] * 3 if interleave else ["a"] * 3 + ["b"] * 3)
+    assert calls[6:] == ["a", "b"]
