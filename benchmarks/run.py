@@ -5,8 +5,9 @@
 
 Times are medians over --reps runs after --warmup runs (CUDA events on GPU,
 perf_counter on CPU); with --interleave a provider's divergences and modes take
-turns run by run, for ratios between them on a noisy machine. Modes: "forward" (the loss call, graph built), "backward"
-(loss.backward() alone) and "full" (both). Peak memory is what one full step
+turns run by run, for ratios between them on a noisy machine. Modes: "forward"
+(the loss call, graph built), "backward" (loss.backward() alone) and "full"
+(both). Peak memory is what one full step
 allocates beyond its inputs: torch.cuda.max_memory_allocated on GPU, peak RSS
 growth (VmHWM after resetting it) on CPU; also given in N x V student-dtype
 buffers. kdfused rows also give the achieved bandwidth against the byte floor
