@@ -90,8 +90,9 @@ C10_ALWAYS_INLINE float exp_core(float xc) {
 // exp and log of the hot loops. On the GPU the hardware's (nvcc
 // --use_fast_math). On the CPU branch-free polynomials, so that the compiler
 // vectorises the loops that call them (calls into libm would keep them scalar):
-// within about 1 ulp of expf / logf. kd_exp keeps gradual underflow, +-inf and
-// NaN; kd_log_prob's domain is below.
+// kd_exp within 2 ulp of exp (1.66 measured), keeping gradual underflow, +-inf
+// and NaN; kd_log_prob within 1 ulp of log on its domain (below). Checked
+// element by element in tests/test_math.py.
 KDFUSED_HOT float kd_exp(float x) {
 #ifdef __CUDA_ARCH__
   return ::expf(x);
