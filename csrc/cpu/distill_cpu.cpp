@@ -210,11 +210,15 @@ KDFUSED_INLINE void load_bf16(float* KD_R out, const uint16_t* KD_R x, int64_t l
     out[k] = host::from_bits(static_cast<int32_t>(uint32_t{x[k]} << 16));
 }
 
+// 16-bit floats (bfloat16 or float16, as their bits) <-> float.
+using Load16Fn = void (*)(float*, const uint16_t*, int64_t);
+using Store16Fn = void (*)(uint16_t*, const float*, int64_t);
+static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t) && sizeof(c10::Half) == sizeof(uint16_t),
+              "16-bit floats are their 16 bits");
+
 // float16 bits <-> float. The portable pair is c10's (scalar); the AVX2 table's
 // uses F16C (8 per instruction, the same values: both round to nearest even,
 // and NaN stays NaN). float16 logits had taken 1.45x bfloat16's time.
-using LoadF16Fn = void (*)(float*, const uint16_t*, int64_t);
-using StoreF16Fn = void (*)(uint16_t*, const float*, int64_t);
 
 void baseline_load_f16(float* out, const uint16_t* x, int64_t len) {
   for (int64_t k = 0; k < len; ++k) out[k] = c10::detail::fp16_ieee_to_fp32_value(x[k]);
@@ -248,11 +252,9 @@ KDFUSED_AVX2 void avx2_store_f16(uint16_t* out, const float* x, int64_t len) {
 
 // The chunk kernels of one instruction set, as a table: the row loop below
 // picks one table at run time. Each entry is compiled once per instruction
-// set (the KDFUSED_INLINE bodies take the entry's target), and none depends
-// on the logits' dtype: chunks are converted to float first.
-using StoreBf16Fn = void (*)(uint16_t*, const float*, int64_t);
-using LoadBf16Fn = void (*)(float*, const uint16_t*, int64_t);
-static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t), "a bfloat16 is its 16 bits");
+// set (the KDFUSED_INLINE bodies take the entry's target). None of the chunk
+// kernels depends on the logits' dtype: chunks are converted to float first,
+// by the table's 16-bit loads, and gradients stored by its 16-bit stores.
 using StatsFn = void (*)(RowStats&, const float*, const float*, int64_t, float, float*, float*);
 using JsdFn = void (*)(JsdSums&, const float*, const float*, const float*, float*, int64_t,
                        ChunkScale, const RowConsts&, const LossParams&);
@@ -277,10 +279,10 @@ struct ChunkKernels {
   StatsFn stats[3][3];  // [divergence][Z1 mode]
   JsdFn jsd;
   GradFn grad[3][5];  // [divergence][grad_variant]
-  StoreBf16Fn store_bf16;
-  LoadBf16Fn load_bf16;
-  LoadF16Fn load_f16;
-  StoreF16Fn store_f16;
+  Store16Fn store_bf16;
+  Load16Fn load_bf16;
+  Load16Fn load_f16;
+  Store16Fn store_f16;
 };
 
 #define KDFUSED_STATS(NAME, D) \
