@@ -112,6 +112,20 @@ KDFUSED_HOT float kd_exp_nonpos(float x) {
 #endif
 }
 
+// exp(d * scale - offset) where that exponent is <= 0 (or NaN). On the GPU it
+// is 2^(d * (scale log2 e) - offset log2 e): one FFMA before the hardware's 2^x,
+// as the two products by log2 e are loop-invariant and leave the loops, where
+// expf of the exponent spends a multiply by log2 e per element (__expf rounds
+// x log2 e too, so this is as accurate). On the CPU kd_exp_nonpos, unchanged.
+KDFUSED_HOT float exp_affine(float d, float scale, float offset) {
+#ifdef __CUDA_ARCH__
+  constexpr float kLog2e = 1.44269504f;
+  return ::exp2f(d * (scale * kLog2e) - offset * kLog2e);
+#else
+  return kd_exp_nonpos(d * scale - offset);
+#endif
+}
+
 // log x for a probability, x in [0, 1] or NaN, with x below FLT_MIN taken as
 // FLT_MIN. Its one caller, log_mix, weights log m by p_t <= m / beta or
 // p_s <= m / (1 - beta), so an element with m < FLT_MIN moves a sum by at most
@@ -175,9 +189,11 @@ KDFUSED_HOT float below(float x, float m) { return x == neg_inf() ? neg_inf() : 
 // points chosen so that they are ~0 where the weights are large:
 //   r_t = ((t - mt) - (s - ms)) / T   (0 at the teacher's peak if s peaks there too)
 //   r_s = ((s - ms) - (t - ref)) / T  (exactly 0 at the student's peak)
-// with ref the teacher's logit at the student's argmax. Then (see row_consts)
-//   KL(p_t || p_s) = wt / zt + log zs - log zt
-//   KL(p_s || p_t) = ws / zs + (mt - ref) / T - (log zs - log zt)
+// with ref the teacher's logit at the student's argmax. The sums ws, wt hold
+// T r_s and T r_t (logit units: the division by T is done once per row, not
+// once per element). Then (see row_consts)
+//   KL(p_t || p_s) = wt / (T zt) + log zs - log zt
+//   KL(p_s || p_t) = ws / (T zs) + (mt - ref) / T - (log zs - log zt)
 // and the reverse-KL gradient needs r_s - ws / zs, which is small and exact
 // where p_s is large, instead of the difference of two large log-ratios
 // (a peaked student far from the teacher has log p_s - log p_t ~ 1e2 there).
@@ -186,7 +202,7 @@ struct RowStats {
   float ref;     // finite teacher logit near the student's peak; -inf iff mt is -inf
   float zs, zt;  // sum exp((s - ms) / T), sum exp((t - mt) / T)
   float z1;      // sum exp(s - ms): the T = 1 softmax of the hard term
-  float ws, wt;  // sum exp((s - ms) / T) * r_s, sum exp((t - mt) / T) * r_t
+  float ws, wt;  // sum exp((s - ms) / T) * T r_s, sum exp((t - mt) / T) * T r_t
 };
 
 C10_HOST_DEVICE inline RowStats stats_empty() {
@@ -219,10 +235,10 @@ C10_HOST_DEVICE inline void stats_rescale(RowStats& st, float ms_new, float mt_n
   ms_new = max_keep(st.ms, ms_new);
   mt_new = max_keep(st.mt, mt_new);
   if (ms_new == st.ms && mt_new == st.mt && ref_new == st.ref) return;
-  // Every r seen so far shifts by a constant; the weights scale by rs and rt.
+  // Every T r seen so far shifts by a constant; the weights scale by rs and rt.
   const float dms = anchor_shift(st.ms, ms_new);
-  const float cs = (dms - anchor_shift(st.ref, ref_new)) * inv_t;
-  const float ct = (anchor_shift(st.mt, mt_new) - dms) * inv_t;
+  const float cs = dms - anchor_shift(st.ref, ref_new);
+  const float ct = anchor_shift(st.mt, mt_new) - dms;
   const float rs = shifted_exp(st.ms, ms_new, inv_t);
   const float rt = shifted_exp(st.mt, mt_new, inv_t);
   st.ws = weighted(rs, st.ws + weighted(st.zs, cs));
@@ -235,7 +251,7 @@ C10_HOST_DEVICE inline void stats_rescale(RowStats& st, float ms_new, float mt_n
   st.ref = ref_new;
 }
 
-// Raises the anchors to cover a chunk about to be added with stats_accumulate,
+// Raises the anchors to cover a chunk about to be added with accumulate_terms,
 // given the chunk's maxima cms, cmt (NaN skipped) and t_at, the teacher logit
 // at the chunk's first student argmax (read only when cms > st.ms): one
 // rescale per chunk instead of one per new maximum.
@@ -246,18 +262,28 @@ C10_HOST_DEVICE inline void stats_raise(RowStats& st, float cms, float cmt, floa
   stats_rescale(st, ms, mt, next_ref(st, ms, t_at, mt), inv_t);
 }
 
-// The same for n elements at hand (a GPU thread's pack).
+// The same for n elements at hand (a GPU thread's pack). The maxima are plain
+// fmaxf (NaN skipped, as by max_keep, since a running max is never NaN); the
+// teacher logit at the pack's first student argmax is looked up only when the
+// student max rises, and nothing more is done when no anchor moves: after a
+// row's first packs, the common case.
 C10_HOST_DEVICE inline void stats_raise(RowStats& st, const float* s, const float* t, int64_t n,
                                         float inv_t) {
   float cms = neg_inf();
   float cmt = neg_inf();
-  float t_at = neg_inf();
   for (int64_t k = 0; k < n; ++k) {
-    if (s[k] > cms) {
-      cms = s[k];
-      t_at = t[k];
+    cms = ::fmaxf(cms, s[k]);
+    cmt = ::fmaxf(cmt, t[k]);
+  }
+  if (cms <= st.ms && cmt <= st.mt && st.ref != neg_inf()) return;  // next_ref keeps st.ref
+  float t_at = neg_inf();
+  if (cms > st.ms) {
+    for (int64_t k = 0; k < n; ++k) {
+      if (s[k] == cms) {
+        t_at = t[k];
+        break;
+      }
     }
-    cmt = max_keep(cmt, t[k]);
   }
   stats_raise(st, cms, cmt, t_at, inv_t);
 }
@@ -291,12 +317,12 @@ KDFUSED_HOT ScaledExps accumulate_terms(float s, float t, float ms, float mt, fl
   // saves the selects).
   const float ds = finite_anchors ? s - ms : below(s, ms);
   const float dt = finite_anchors ? t - mt : below(t, mt);
-  const float es = kd_exp_nonpos(ds * inv_t);
-  const float et = kd_exp_nonpos(dt * inv_t);
+  const float es = exp_affine(ds, inv_t, 0.f);
+  const float et = exp_affine(dt, inv_t, 0.f);
   zs += es;
   zt += et;
-  if (kWs) ws += weighted(es, (ds - (finite_anchors ? t - ref : below(t, ref))) * inv_t);
-  if (kWt) wt += weighted(et, (dt - ds) * inv_t);
+  if (kWs) ws += weighted(es, ds - (finite_anchors ? t - ref : below(t, ref)));
+  if (kWt) wt += weighted(et, dt - ds);
   if (z1_how == Z1::kExp) z1 += kd_exp_nonpos(ds);
   if (z1_how == Z1::kSquare) z1 += es * es;
   return ScaledExps{es, et};
@@ -307,12 +333,6 @@ KDFUSED_HOT ScaledExps accumulate_terms(float s, float t, float ms, float mt, fl
 C10_HOST_DEVICE inline bool anchors_finite(const RowStats& st) {
   using std::isfinite;
   return isfinite(st.ms) && isfinite(st.mt) && isfinite(st.ref);
-}
-
-// Adds one element (s <= st.ms and t <= st.mt, or NaN).
-C10_HOST_DEVICE inline void stats_accumulate(RowStats& st, float s, float t, float inv_t,
-                                             Z1 z1_how) {
-  accumulate_terms(s, t, st.ms, st.mt, st.ref, inv_t, z1_how, st.zs, st.zt, st.z1, st.ws, st.wt);
 }
 
 // Merges two partial states of the same row (order-independent up to rounding).
@@ -334,7 +354,7 @@ struct RowConsts {
   float ms, mt, ref;     // the anchors
   float log_zs, log_zt;  // log-normalisers of s / T and t / T (relative to the maxima)
   float log_z1;          // log-normaliser of s (T = 1)
-  float mean_rs;         // E_ps[r_s] = ws / zs (reverse-KL gradient)
+  float mean_rs;         // E_ps[r_s] = ws / (T zs) (reverse-KL gradient)
   float div;             // D_i: known after pass 1 for the KLs, after jsd_finish for JSD
   float kl_sm;           // JSD only: KL(p_s || m)
   float q_per_ps2;       // T = 2: softmax(s) = p_s^2 zs^2 / z1
@@ -348,12 +368,12 @@ C10_HOST_DEVICE inline RowConsts row_consts(const RowStats& st, const LossParams
   c.log_zs = ::logf(st.zs);
   c.log_zt = ::logf(st.zt);
   c.log_z1 = ::logf(st.z1);
-  c.mean_rs = st.ws / st.zs;
+  c.mean_rs = st.ws / st.zs * p.inv_t;
   c.kl_sm = 0.f;
   c.q_per_ps2 = (st.zs / st.z1) * st.zs;
   const float lz = c.log_zs - c.log_zt;
   if (p.div == Divergence::kForwardKL) {
-    c.div = st.wt / st.zt + lz;
+    c.div = st.wt / st.zt * p.inv_t + lz;
   } else if (p.div == Divergence::kReverseKL) {
     // ref = -inf: no finite teacher logit, any student mass makes ws = inf.
     const float ref_term = st.ref == neg_inf() ? 0.f : (st.mt - st.ref) * p.inv_t;
@@ -370,6 +390,15 @@ KDFUSED_HOT float log_ps(float s, const RowConsts& c, const LossParams& p) {
 
 KDFUSED_HOT float log_pt(float t, const RowConsts& c, const LossParams& p) {
   return (t - c.mt) * p.inv_t - c.log_zt;
+}
+
+// p_s = exp(log_ps) and p_t = exp(log_pt), the exponents formed as there.
+KDFUSED_HOT float prob_s(float s, const RowConsts& c, const LossParams& p) {
+  return exp_affine(s - c.ms, p.inv_t, c.log_zs);
+}
+
+KDFUSED_HOT float prob_t(float t, const RowConsts& c, const LossParams& p) {
+  return exp_affine(t - c.mt, p.inv_t, c.log_zt);
 }
 
 // log m = log(beta p_t + (1 - beta) p_s), from the two probabilities.
@@ -395,7 +424,7 @@ KDFUSED_HOT JsdElement jsd_element(float s, float t, float ps, float pt, const R
 }
 
 KDFUSED_HOT JsdElement jsd_element(float s, float t, const RowConsts& c, const LossParams& p) {
-  return jsd_element(s, t, kd_exp_nonpos(log_ps(s, c, p)), kd_exp_nonpos(log_pt(t, c, p)), c, p);
+  return jsd_element(s, t, prob_s(s, c, p), prob_t(t, c, p), c, p);
 }
 
 KDFUSED_HOT void jsd_accumulate(JsdSums& acc, const JsdElement& e) {
@@ -432,28 +461,43 @@ C10_HOST_DEVICE inline float hard_loss(float s_label, const RowConsts& c) {
 // so that it underflows no sooner than exp would.
 KDFUSED_HOT float softmax_from_ps(float ps, const RowConsts& c) { return ps * (ps * c.q_per_ps2); }
 
-// The gradient of one element from its p_s and dd = T dD/ds (before the
-// reduction's row weight): alpha * (q - onehot(y)) + (1 - alpha) * soft_scale * dD/ds,
-// with q = softmax(s) (for T = 2 from p_s). kHard / kSoft: the hard / soft term
-// has a weight; a term whose weight is 0 is skipped, so it cannot turn a finite
-// gradient NaN.
+// The gradient's two coefficients with the reduction's row weight grad_scale
+// (1 / counted rows for batchmean) folded in, so that it costs an element no
+// multiply: g_i = hard * (q - onehot(y)) + soft * T dD/ds.
+struct GradCoefs {
+  float hard;  // grad_scale * alpha
+  float soft;  // grad_scale * (1 - alpha) * soft_scale / T
+};
+
+C10_HOST_DEVICE inline GradCoefs grad_coefs(const LossParams& p, float grad_scale) {
+  return GradCoefs{grad_scale * p.alpha, grad_scale * (p.soft_coef * p.inv_t)};
+}
+
+// The gradient of one element, grad_scale * d loss_i / d s_iv, from its p_s and
+// dd = T dD/ds: k.hard * (q - onehot(y)) + k.soft * dd with q = softmax(s) (for
+// T = 2 from p_s). kHard / kSoft: the hard / soft term has a weight; a term
+// whose weight is 0 is skipped, so it cannot turn a finite gradient NaN.
 template <bool kHard, bool kSoft, bool kT2>
 KDFUSED_HOT float combine_grad(float s, float ps, float dd, bool is_label, const RowConsts& c,
-                               const LossParams& p) {
+                               const GradCoefs& k) {
   float g = 0.f;
-  if (kHard) {
-    const float q = kT2 && kSoft ? softmax_from_ps(ps, c) : kd_exp_nonpos((s - c.ms) - c.log_z1);
-    g = p.alpha * (q - (is_label ? 1.f : 0.f));
+  if (kHard && kT2 && kSoft && !is_label) {
+    // k.hard * softmax_from_ps(ps, c) with the two constants multiplied once
+    // per row (the inner product stays >= the result: no earlier underflow).
+    g = ps * (ps * (c.q_per_ps2 * k.hard));
+  } else if (kHard) {
+    const float q = kT2 && kSoft ? softmax_from_ps(ps, c) : exp_affine(s - c.ms, 1.f, c.log_z1);
+    g = k.hard * (q - (is_label ? 1.f : 0.f));
   }
-  if (kSoft) g += p.soft_coef * p.inv_t * dd;
+  if (kSoft) g += k.soft * dd;
   return g;
 }
 
-// d loss_i / d s_iv for one element, for a divergence D known at compile time
-// (kT2: T = 2), given p_s and p_t (p_t unused by reverse KL).
+// grad_scale * d loss_i / d s_iv for one element, for a divergence D known at
+// compile time (kT2: T = 2), given p_s and p_t (p_t unused by reverse KL).
 template <Divergence D, bool kHard, bool kSoft, bool kT2 = false>
 KDFUSED_HOT float grad_from_probs(float s, float t, float ps, float pt, bool is_label,
-                                  const RowConsts& c, const LossParams& p) {
+                                  const RowConsts& c, const LossParams& p, const GradCoefs& k) {
   float dd = 0.f;
   if (kSoft) {
     if (D == Divergence::kForwardKL) {
@@ -465,16 +509,16 @@ KDFUSED_HOT float grad_from_probs(float s, float t, float ps, float pt, bool is_
       dd = jsd_grad(ps, log_ps(s, c, p) - log_mix(pt, ps, p), c, p);
     }
   }
-  return combine_grad<kHard, kSoft, kT2>(s, ps, dd, is_label, c, p);
+  return combine_grad<kHard, kSoft, kT2>(s, ps, dd, is_label, c, k);
 }
 
 // The same, computing p_s and p_t (what the soft term needs of them) itself.
 template <Divergence D, bool kHard, bool kSoft, bool kT2 = false>
 KDFUSED_HOT float grad_element_as(float s, float t, bool is_label, const RowConsts& c,
-                                  const LossParams& p) {
-  const float ps = kSoft ? kd_exp_nonpos(log_ps(s, c, p)) : 0.f;
-  const float pt = kSoft && D != Divergence::kReverseKL ? kd_exp_nonpos(log_pt(t, c, p)) : 0.f;
-  return grad_from_probs<D, kHard, kSoft, kT2>(s, t, ps, pt, is_label, c, p);
+                                  const LossParams& p, const GradCoefs& k) {
+  const float ps = kSoft ? prob_s(s, c, p) : 0.f;
+  const float pt = kSoft && D != Divergence::kReverseKL ? prob_t(t, c, p) : 0.f;
+  return grad_from_probs<D, kHard, kSoft, kT2>(s, t, ps, pt, is_label, c, p, k);
 }
 
 // Calls f(std::integral_constant<Divergence, D>) for the run-time divergence.
@@ -494,8 +538,8 @@ struct GradVariant {
   static constexpr Divergence kDivergence = D;
   static constexpr bool kHasHard = kHard, kHasSoft = kSoft, kTIs2 = kT2;
   KDFUSED_HOT static float element(float s, float t, bool is_label, const RowConsts& c,
-                                   const LossParams& p) {
-    return grad_element_as<D, kHard, kSoft, kT2>(s, t, is_label, c, p);
+                                   const LossParams& p, const GradCoefs& k) {
+    return grad_element_as<D, kHard, kSoft, kT2>(s, t, is_label, c, p, k);
   }
 };
 
@@ -516,9 +560,9 @@ C10_HOST_DEVICE inline decltype(auto) with_grad_variant(const LossParams& p, F&&
 
 // grad_element_as with the divergence and the term weights known at run time.
 C10_HOST_DEVICE inline float grad_element(float s, float t, bool is_label, const RowConsts& c,
-                                          const LossParams& p) {
+                                          const LossParams& p, const GradCoefs& k) {
   return with_grad_variant(
-      p, [&](auto variant) { return decltype(variant)::element(s, t, is_label, c, p); });
+      p, [&](auto variant) { return decltype(variant)::element(s, t, is_label, c, p, k); });
 }
 
 }  // namespace kdfused

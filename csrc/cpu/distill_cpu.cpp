@@ -178,15 +178,14 @@ KDFUSED_INLINE void jsd_chunk(JsdSums& acc, const float* KD_R s, const float* KD
 template <Divergence D, bool kHard, bool kSoft, bool kT2>
 KDFUSED_INLINE void grad_chunk(float* KD_R g, const float* KD_R s, const float* KD_R t,
                                const float* KD_R es, const float* KD_R et, int64_t len,
-                               ChunkScale f, const RowConsts& c, const LossParams& p, float scale) {
+                               ChunkScale f, const RowConsts& c, const LossParams& p,
+                               const GradCoefs& gk) {
   for (int64_t k = 0; k < len; ++k) {
     const float ps = es[k] * f.fs;
     if (D == Divergence::kJSD && kSoft) {
-      g[k] =
-          scale * combine_grad<kHard, kSoft, kT2>(s[k], ps, jsd_grad(ps, et[k], c, p), false, c, p);
+      g[k] = combine_grad<kHard, kSoft, kT2>(s[k], ps, jsd_grad(ps, et[k], c, p), false, c, gk);
     } else {
-      g[k] =
-          scale * grad_from_probs<D, kHard, kSoft, kT2>(s[k], t[k], ps, et[k] * f.ft, false, c, p);
+      g[k] = grad_from_probs<D, kHard, kSoft, kT2>(s[k], t[k], ps, et[k] * f.ft, false, c, p, gk);
     }
   }
 }
@@ -259,7 +258,7 @@ using StatsFn = void (*)(RowStats&, const float*, const float*, int64_t, float, 
 using JsdFn = void (*)(JsdSums&, const float*, const float*, const float*, float*, int64_t,
                        ChunkScale, const RowConsts&, const LossParams&);
 using GradFn = void (*)(float*, const float*, const float*, const float*, const float*, int64_t,
-                        ChunkScale, const RowConsts&, const LossParams&, float);
+                        ChunkScale, const RowConsts&, const LossParams&, const GradCoefs&);
 
 // Which gradient variant a problem needs: 2 * hard + soft, or kHardSoftT2.
 constexpr int kHardSoftT2 = 4;
@@ -307,8 +306,8 @@ struct ChunkKernels {
   template <Divergence D, bool kHard, bool kSoft, bool kT2>                                      \
   __VA_ARGS__ void NAME##_grad(float* g, const float* s, const float* t, const float* es,        \
                                const float* et, int64_t len, ChunkScale f, const RowConsts& c,   \
-                               const LossParams& p, float scale) {                               \
-    grad_chunk<D, kHard, kSoft, kT2>(g, s, t, es, et, len, f, c, p, scale);                      \
+                               const LossParams& p, const GradCoefs& k) {                        \
+    grad_chunk<D, kHard, kSoft, kT2>(g, s, t, es, et, len, f, c, p, k);                          \
   }                                                                                              \
   __VA_ARGS__ void NAME##_store_bf16(uint16_t* out, const float* x, int64_t len) {               \
     store_bf16(out, x, len);                                                                     \
@@ -377,6 +376,7 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
   // give it from p_s (grad_from_probs, combine_grad).
   const bool reads_t = p.div == Divergence::kReverseKL;
   const bool reads_s = reads_t || hard_from_logits(variant);
+  const GradCoefs coefs = grad_coefs(p, a.grad_scale);
   alignas(64) float sbuf[kChunk];
   alignas(64) float tbuf[kChunk];
   alignas(64) float gbuf[kChunk];
@@ -436,10 +436,10 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
       } else {
         gf = gbuf;
       }
-      grad(gf, sf, tf, es + j0, et + j0, len, scale_of(b), c, p, a.grad_scale);
+      grad(gf, sf, tf, es + j0, et + j0, len, scale_of(b), c, p, coefs);
       if (label >= j0 && label < j0 + len) {  // the label's own element
-        gf[label - j0] = a.grad_scale * grad_element(static_cast<float>(s[label]),
-                                                     static_cast<float>(t[label]), true, c, p);
+        gf[label - j0] = grad_element(static_cast<float>(s[label]), static_cast<float>(t[label]),
+                                      true, c, p, coefs);
       }
       if constexpr (std::is_same_v<S, c10::BFloat16>) {
         kernels.store_bf16(reinterpret_cast<uint16_t*>(g + j0), gbuf, len);

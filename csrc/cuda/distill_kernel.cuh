@@ -177,8 +177,10 @@ __device__ void with_z1(Z1 how, F&& f) {
 
 // Instruction count matters as much as bytes here (ncu, H200: the streaming
 // kernel issues on 80% of cycles), hence: pass 1 without below()'s selects
-// once the anchors are finite and with the z1 mode fixed per row, and the
-// gradient loop compiled per divergence and term weights (GradVariant). Each
+// once the anchors are finite, with the z1 mode fixed per row and only the
+// weighted sum its divergence reads, the gradient loop compiled per divergence
+// and term weights (GradVariant) with no label test inside, and exps taken as
+// exp_affine's one FFMA before 2^x (notes/gpu-tuning.md, change 3). Each
 // pass after the first runs in the direction opposite to the one before it,
 // starting on what is most likely still in L2. Registers are capped so that
 // three 512-thread blocks share a multiprocessor (unbounded, ptxas took 58-80).
@@ -217,19 +219,26 @@ __global__ void __launch_bounds__(kMaxThreads, 3)
     return stats_merge(a, b, p.inv_t);
   };
   RowStats st = stats_empty();
-  with_z1(z1_mode(p), [&](auto z1_how) {
-    row.for_each([&](int64_t, const float* s, const float* t, auto n) {
-      stats_raise(st, s, t, n, p.inv_t);
-      if (anchors_finite(st)) {
+  with_divergence(p.div, [&](auto d) {
+    // Only the weighted sum this divergence reads (sums_for).
+    constexpr WeightedSums kSums = sums_for(decltype(d)::value);
+    with_z1(z1_mode(p), [&](auto z1_how) {
+      row.for_each([&](int64_t, const float* s, const float* t, auto n) {
+        stats_raise(st, s, t, n, p.inv_t);
+        // Two loops, not one with a run-time flag: that one computed both forms.
+        const auto add = [&](auto finite) {
 #pragma unroll
-        for (int k = 0; k < n; ++k) {
-          accumulate_terms(s[k], t[k], st.ms, st.mt, st.ref, p.inv_t, z1_how, st.zs, st.zt, st.z1,
-                           st.ws, st.wt, true);
+          for (int k = 0; k < n; ++k) {
+            accumulate_terms<kSums.ws, kSums.wt>(s[k], t[k], st.ms, st.mt, st.ref, p.inv_t, z1_how,
+                                                 st.zs, st.zt, st.z1, st.ws, st.wt, finite);
+          }
+        };
+        if (anchors_finite(st)) {
+          add(std::true_type{});
+        } else {
+          add(std::false_type{});
         }
-      } else {
-#pragma unroll
-        for (int k = 0; k < n; ++k) stats_accumulate(st, s[k], t[k], p.inv_t, z1_how);
-      }
+      });
     });
   });
   st = block_reduce(st, merge_stats, stats_empty(), stats_smem);
@@ -253,7 +262,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3)
   if (threadIdx.x == 0)
     write_row_losses(hard, soft, i, row.s, labels != nullptr, label, label_ok, c, p);
   if (row.g) {
-    const float scale = grad_scale ? *grad_scale : 1.f;
+    const GradCoefs gk = grad_coefs(p, grad_scale ? *grad_scale : 1.f);
     with_grad_variant(p, [&](auto variant) {
       using Variant = decltype(variant);
       // Backwards after pass 1, forwards after JSD's backward pass.
@@ -262,10 +271,23 @@ __global__ void __launch_bounds__(kMaxThreads, 3)
         Pack<S, decltype(n)::value> out;
 #pragma unroll
         for (int k = 0; k < n; ++k) {
-          out.v[k] = static_cast<S>(scale * Variant::element(s[k], t[k], j + k == label, c, p));
+          out.v[k] = static_cast<S>(Variant::element(s[k], t[k], false, c, p, gk));
         }
         *reinterpret_cast<Pack<S, decltype(n)::value>*>(row.g + j) = out;
       });
+      // The label's own element, rewritten once the whole row is written (the
+      // barrier orders the two stores): a test per element, or even per pack,
+      // cost more instructions and registers than this. The label is read
+      // again rather than kept in registers through the loop.
+      __syncthreads();
+      if (threadIdx.x == 0 && labels) {
+        const int64_t y = labels[i];
+        if (y >= 0 && y < v) {  // not ignore_index: that row has returned
+          const float sy = static_cast<float>(student[i * s_stride + y]);
+          const float ty = static_cast<float>(teacher[i * t_stride + y]);
+          grad[i * v + y] = static_cast<S>(Variant::element(sy, ty, true, c, p, gk));
+        }
+      }
     });
   }
 }
