@@ -194,7 +194,7 @@ KDFUSED_HOT float below(float x, float m) { return x == neg_inf() ? neg_inf() : 
 // once per element). Then (see row_consts)
 //   KL(p_t || p_s) = wt / (T zt) + log zs - log zt
 //   KL(p_s || p_t) = ws / (T zs) + (mt - ref) / T - (log zs - log zt)
-// and the reverse-KL gradient needs r_s - ws / zs, which is small and exact
+// and the reverse-KL gradient needs r_s - ws / (T zs), which is small and exact
 // where p_s is large, instead of the difference of two large log-ratios
 // (a peaked student far from the teacher has log p_s - log p_t ~ 1e2 there).
 struct RowStats {
