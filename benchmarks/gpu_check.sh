@@ -4,8 +4,9 @@
 # PyTorch eager, torch.compile and, when its wheel was carried in .whl/,
 # Liger-Kernel, ncu's view of the kernel, and a sweep over V and N. Everything
 # lands under $OUT: gpu_check.log (all output), pytest.log, bench.md,
-# bench.csv and ncu.txt. Each stage has its own time limit; about 4 minutes
-# when all goes well.
+# bench.csv, split<k>.{csv,md} (KDFUSED_CUDA_SPLIT = k), ncu.txt and
+# ncu-split4.txt. Each stage has its own time limit; about 5 minutes when all
+# goes well.
 #
 #   KDFUSED_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
 #
@@ -76,6 +77,16 @@ for div in reverse_kl jsd; do
   bench 60 --sizes "$sizes" --divergence $div --providers kdfused,liger
 done
 
+stage "row split (KDFUSED_CUDA_SPLIT = blocks per row): 8192 x 128256, one CSV per split"
+for k in 1 2 4 8 16; do
+  echo "-- KDFUSED_CUDA_SPLIT=$k"
+  KDFUSED_CUDA_SPLIT=$k timeout 60 python3 -m benchmarks.run --device cuda --dtype bfloat16 \
+    --modes full --warmup 2 --reps 7 --sizes 8192x128256 --providers kdfused \
+    --divergence forward_kl,jsd --interleave --csv "$out/split$k.csv" --md "$out/split$k.md" \
+    | grep "^provider="
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
+
 stage "ncu: one launch at 8192 x 128256 bf16 (what limits it)"
 if command -v ncu > /dev/null; then
   cat > /tmp/one_step.py <<'PY'
@@ -93,6 +104,12 @@ PY
     --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,smsp__inst_executed.sum \
     python3 /tmp/one_step.py > "$out/ncu.txt" 2>&1
   grep -E "distill_|Duration|DRAM Throughput|L2 Cache Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|dram__bytes|lts__t_sector_hit|smsp__inst_executed.sum|Issue Slots Busy" "$out/ncu.txt" | head -30
+  echo "-- the same launch split over 4 blocks per row (KDFUSED_CUDA_SPLIT=4)"
+  KDFUSED_CUDA_SPLIT=4 timeout 90 ncu --clock-control none -k regex:distill \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,smsp__inst_executed.sum \
+    python3 /tmp/one_step.py > "$out/ncu-split4.txt" 2>&1
+  grep -E "distill_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|dram__bytes|lts__t_sector_hit|smsp__inst_executed.sum" "$out/ncu-split4.txt" | head -20
 else
   echo "no ncu on this machine"
 fi

@@ -21,7 +21,20 @@ import re
 INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BRANCH = re.compile(r"\bBRA\b.*?(0x[0-9a-f]+)")
 PREDICATE = re.compile(r"^@!?U?P\w+\s+")
-SHOWN = ("FADD", "FMUL", "FFMA", "FSEL", "FSETP", "FMNMX", "MUFU.EX2", "MUFU.LG2", "LDG", "STG")
+SHOWN = (
+    "FADD",
+    "FMUL",
+    "FFMA",
+    "FSEL",
+    "FSETP",
+    "FMNMX",
+    "MUFU.EX2",
+    "MUFU.LG2",
+    "LDG",
+    "STG",
+    "LDL",
+    "STL",
+)
 
 
 def functions(sass_text):

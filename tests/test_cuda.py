@@ -181,3 +181,24 @@ def test_label_out_of_range_is_raised(bad_label):
     output = done.stdout + done.stderr
     assert "RAISED:" in done.stdout and "device-side assert" in output, output
     assert f"kdfused: labels[2] = {bad_label} is outside [0, V) with V = 4000" in output, output
+
+
+@pytest.mark.parametrize("parts", [2, 8, 16])
+@pytest.mark.parametrize("vocab", [4099, 128256])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_row_split(monkeypatch, parts, vocab, divergence):
+    """KDFUSED_CUDA_SPLIT (sm_90: a cluster of blocks per row, merged through
+    distributed shared memory): the oracle's accuracy, the unsplit kernel's
+    numbers up to the merge's rounding, and bit-identical reruns."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need sm_90 (the launcher falls back to one block)")
+    s = make_logits((17, vocab), torch.bfloat16, "cuda", seed=120)
+    t = make_logits((17, vocab), torch.bfloat16, "cuda", seed=121)
+    y = make_labels((17,), vocab, device="cuda")
+    one = run_loss(s, t, y, divergence=divergence)
+    monkeypatch.setenv("KDFUSED_CUDA_SPLIT", str(parts))
+    out, grad = check_against_oracle(s, t, y, divergence=divergence)
+    again = run_loss(s, t, y, divergence=divergence)
+    torch.testing.assert_close(out.loss, one[0].loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, one[1])
+    assert torch.equal(out.loss, again[0].loss) and torch.equal(grad, again[1])

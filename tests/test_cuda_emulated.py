@@ -203,3 +203,69 @@ def test_property(problem):
     with pytest.MonkeyPatch.context() as patch:
         _route_to_emulator(patch)
         check_against_oracle(s, t, labels, upstream, **options)
+
+
+@pytest.mark.parametrize("parts", [2, 3, 16])
+@pytest.mark.parametrize("n,vocab", [(3, 7), (4, 1001), (2, 4099)])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_row_split(emulated, monkeypatch, parts, n, vocab, divergence):
+    """KDFUSED_CUDA_SPLIT: each row over a cluster of blocks that merge their
+    statistics through (emulated) distributed shared memory. V = 7 in 16 parts
+    leaves parts empty; labels fall in different parts; one row is ignored."""
+    monkeypatch.setenv("KDFUSED_CUDA_SPLIT", str(parts))
+    s = make_logits((n, vocab), torch.bfloat16, seed=111)
+    t = make_logits((n, vocab), torch.float32, seed=112)
+    y = torch.arange(n) * (vocab // n) + vocab // (2 * n)
+    y[-1] = -100
+    check_against_oracle(s, t, y, divergence=divergence)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_row_split_masked_parts(emulated, monkeypatch, divergence):
+    """Parts whose every logit is -inf (in both models, or in the one where the
+    divergence stays finite) merge as empty states; a NaN stays in its row."""
+    monkeypatch.setenv("KDFUSED_CUDA_SPLIT", "4")
+    s = make_logits((3, 4000), seed=113)
+    t = make_logits((3, 4000), seed=114)
+    one = s if divergence == "reverse_kl" else t
+    s[0, :1000] = t[0, :1000] = -torch.inf  # part 0 of row 0
+    one[1, 2000:4000] = -torch.inf  # parts 2 and 3 of row 1
+    y = torch.tensor([3999, 5, 1500])
+    out, grad = check_against_oracle(s, t, y, divergence=divergence)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    s[2, 3500] = torch.nan
+    out, grad = run_loss(s, t, y, divergence=divergence, reduction="none")
+    assert torch.isnan(out.loss[2]) and torch.isfinite(out.loss[:2]).all()
+    assert torch.isnan(grad[2]).all() and torch.isfinite(grad[:2]).all()
+
+
+def test_row_split_matches_one_block(emulated, monkeypatch):
+    """Split or not, the same numbers up to the merge's rounding."""
+    s = make_logits((3, 9000), seed=115)
+    t = make_logits((3, 9000), seed=116)
+    y = make_labels((3,), 9000, "none")
+    args = (s, t, y, None, 2.0, 0.5, "forward_kl", 0.5, -100, True, True)
+    one = emulated(*args)
+    monkeypatch.setenv("KDFUSED_CUDA_SPLIT", "5")
+    split = emulated(*args)
+    for a, b in zip(one, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_row_split_label_out_of_range(emulated, monkeypatch, capfd):
+    """One report per bad label, not one per block of its cluster."""
+    monkeypatch.setenv("KDFUSED_CUDA_SPLIT", "3")
+    s = make_logits((2, 600), seed=117)
+    t = make_logits((2, 600), seed=118)
+    with pytest.raises(RuntimeError, match=r"device-side assert triggered"):
+        kdfused.fused_distill_loss(s, t, torch.tensor([600, 1]))
+    printed = capfd.readouterr().out
+    assert printed.count("kdfused: labels[0] = 600 is outside [0, V)") == 1
+
+
+@pytest.mark.parametrize("value", ["0", "17", "two", "4x"])
+def test_row_split_bad_setting(emulated, monkeypatch, value):
+    monkeypatch.setenv("KDFUSED_CUDA_SPLIT", value)
+    s = make_logits((2, 64), seed=119)
+    with pytest.raises(ValueError, match="KDFUSED_CUDA_SPLIT must be an integer from 1 to 16"):
+        kdfused.fused_distill_loss(s, s.clone(), torch.tensor([1, 2]))

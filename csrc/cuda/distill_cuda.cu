@@ -7,6 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <limits>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../distill_op.h"
 #include "distill_kernel.cuh"
@@ -14,20 +17,101 @@
 namespace kdfused {
 namespace {
 
+using cuda::block_threads;
 using cuda::distill_rows_kernel;
 using cuda::pack_width;
-using cuda::threads_for;
+using cuda::requested_split;
+
+// compute() for this device and key the first time, the remembered value
+// after: device queries stay off the launch path (and out of graph captures
+// after the first call).
+template <typename Key, typename Compute>
+auto once_per_device(const Key& key, Compute compute) {
+  using Value = decltype(compute());
+  static std::mutex mutex;
+  static std::map<std::pair<int, Key>, Value> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find({device, key});
+  if (found != known.end()) return found->second;
+  return known[{device, key}] = compute();
+}
+
+// A launch of `blocks` blocks in clusters of `parts` (not copyable: config
+// points into it).
+struct ClusterLaunch {
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute cluster{};
+
+  ClusterLaunch(int64_t blocks, int threads, int parts, cudaStream_t stream) {
+    config.gridDim = dim3(static_cast<unsigned>(blocks));
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.stream = stream;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = static_cast<unsigned>(parts);
+    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
+// Blocks per row: KDFUSED_CUDA_SPLIT where the kernel was compiled for sm_90 or
+// later, the grid stays within 2^31 - 1 blocks and the device schedules such
+// clusters at all (above 8 blocks only once the kernel is allowed non-portable
+// sizes); else 1.
+template <typename Kernel>
+int split_for(Kernel kernel, int64_t n, int threads) {
+  const int parts = requested_split();
+  if (parts == 1 || n > std::numeric_limits<int32_t>::max() / parts) return 1;
+  const bool ok = once_per_device(std::make_pair(parts, threads), [&] {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    if (attributes.binaryVersion < 90) return false;
+    if (parts > cuda::kPortableSplit &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+            cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    const ClusterLaunch one(parts, threads, parts, nullptr);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &one.config) != cudaSuccess) {
+      (void)cudaGetLastError();  // an unsupported shape: not schedulable
+      return false;
+    }
+    return clusters > 0;
+  });
+  return ok ? parts : 1;
+}
 
 template <typename S, typename Tt>
 void launch(const DistillProblem& prob, const std::optional<at::Tensor>& grad_scale,
             at::Tensor& hard, at::Tensor& soft, at::Tensor& grad, bool compute_grad) {
-  const int threads = threads_for(prob.v, pack_width<S, Tt>());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  distill_rows_kernel<S, Tt><<<static_cast<unsigned>(prob.n), threads, 0, stream>>>(
-      prob.student.const_data_ptr<S>(), prob.teacher.const_data_ptr<Tt>(), prob.student.stride(0),
-      prob.teacher.stride(0), prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr,
-      grad_scale ? grad_scale->const_data_ptr<float>() : nullptr, hard.data_ptr<float>(),
-      soft.data_ptr<float>(), compute_grad ? grad.data_ptr<S>() : nullptr, prob.v, prob.params);
+  const int width = pack_width<S, Tt>();
+  const auto split_kernel = distill_rows_kernel<S, Tt, true>;
+  int parts = requested_split();
+  if (parts > 1) parts = split_for(split_kernel, prob.n, block_threads(prob.v, width, parts));
+  const auto kernel = parts > 1 ? split_kernel : distill_rows_kernel<S, Tt, false>;
+  const int threads = block_threads(prob.v, width, parts);
+  const S* student = prob.student.const_data_ptr<S>();
+  const Tt* teacher = prob.teacher.const_data_ptr<Tt>();
+  const int64_t* labels = prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr;
+  const float* scale = grad_scale ? grad_scale->const_data_ptr<float>() : nullptr;
+  S* g = compute_grad ? grad.data_ptr<S>() : nullptr;
+  if (parts > 1) {
+    const ClusterLaunch config(prob.n * parts, threads, parts, stream);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(
+        &config.config, kernel, student, teacher, prob.student.stride(0), prob.teacher.stride(0),
+        labels, scale, hard.data_ptr<float>(), soft.data_ptr<float>(), g, prob.v, prob.params));
+  } else {
+    kernel<<<static_cast<unsigned>(prob.n), threads, 0, stream>>>(
+        student, teacher, prob.student.stride(0), prob.teacher.stride(0), labels, scale,
+        hard.data_ptr<float>(), soft.data_ptr<float>(), g, prob.v, prob.params);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

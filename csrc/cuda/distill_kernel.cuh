@@ -1,33 +1,73 @@
 // The CUDA kernel's device code (the math is kdfused_math.h's): one block
-// per row; each thread streams its share of the row in 16-byte packs (scalar
-// head and tail where the row is not aligned) once per pass: statistics, JSD's
-// sums (JSD only), gradient. Per-thread online-softmax states are merged in a
-// fixed order (warp shuffles, then one warp), so results are bit-identical run
-// to run. All accumulation is float32.
+// per row (or a cluster of blocks, each with a part of the row: below); each
+// thread streams its share of the row in 16-byte packs (scalar head and tail
+// where the row is not aligned) once per pass: statistics, JSD's sums (JSD
+// only), gradient. Per-thread online-softmax states are merged in a fixed
+// order (warp shuffles, then one warp, then the cluster's blocks by rank), so
+// results are bit-identical run to run. All accumulation is float32.
 //
 // Each row is read twice (three times for JSD): 10 bytes per bf16 element
-// instead of the 6-byte floor (notes/gpu-tuning.md has the measurements and
-// what was tried against that).
+// instead of the 6-byte floor when the second read misses L2 (notes/gpu-tuning.md
+// has the measurements and what was tried against that).
 //
 // Kept apart from the launcher (distill_cuda.cu) so that the CPU-only test
 // suite can also run this code, under tests/emulator/ (a thread per CUDA thread).
 #pragma once
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
+#ifndef KDFUSED_EMULATED
+#include <cooperative_groups.h>
+#endif
 
 #include "../kdfused_math.h"
 
 namespace kdfused {
 namespace cuda {
 
+#ifndef KDFUSED_EMULATED
+// Thread-block cluster primitives (sm_90 and later; tests/emulator/ has its
+// own). Compiled for an older architecture every cluster is one block, and the
+// launcher launches no larger one there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ inline unsigned cluster_blocks() {
+  return cooperative_groups::this_cluster().num_blocks();
+}
+__device__ inline unsigned cluster_rank() {
+  return cooperative_groups::this_cluster().block_rank();
+}
+__device__ inline void cluster_sync() { cooperative_groups::this_cluster().sync(); }
+template <typename T>
+__device__ T* cluster_peer(T* shared, unsigned rank) {
+  return cooperative_groups::this_cluster().map_shared_rank(shared, static_cast<int>(rank));
+}
+#else
+__device__ inline unsigned cluster_blocks() { return 1; }
+__device__ inline unsigned cluster_rank() { return 0; }
+__device__ inline void cluster_sync() { __syncthreads(); }
+template <typename T>
+__device__ T* cluster_peer(T* shared, unsigned) {
+  return shared;
+}
+#endif
+// One block's shared memory, declared where it is used.
+#define KDFUSED_BLOCK_SHARED(Type, name) __shared__ Type name
+#endif
+
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 512;
 constexpr int kMaxWarps = kMaxThreads / kWarpSize;
+// Threads of a block that holds part of a row (kSplit): four such blocks per
+// multiprocessor, so that one block's cluster barrier overlaps other blocks'
+// streaming (the dropped resident kernel's blocks had nothing to overlap with).
+constexpr int kSplitThreads = 256;
 
 // W elements of type T moved by one 16-byte (or narrower) memory instruction.
 template <typename T, int W>
@@ -141,11 +181,12 @@ __device__ T block_reduce(T x, Merge merge, const T& identity, T* smem) {
 
 // Whether a row's label may be read (true without labels). A label outside
 // [0, V) is never read: it stops the kernel with a device-side assert, which
-// the host raises at its next synchronisation; thread 0 prints it first.
+// the host raises at its next synchronisation; thread 0 of the row's first
+// block prints it first.
 __device__ inline bool label_readable(bool has_labels, int64_t label, int64_t i, int64_t v,
-                                      const LossParams& p) {
+                                      const LossParams& p, bool first_part) {
   const bool label_ok = !has_labels || (label >= 0 && label < v);
-  if (!label_ok && threadIdx.x == 0) {
+  if (!label_ok && threadIdx.x == 0 && first_part) {
     printf(
         "kdfused: labels[%lld] = %lld is outside [0, V) with V = %lld and is not "
         "ignore_index = %lld\n",
@@ -175,6 +216,73 @@ __device__ void with_z1(Z1 how, F&& f) {
   f(std::integral_constant<Z1, Z1::kNone>{});
 }
 
+// A block's shared memory, as one struct (the emulator gives each block of a
+// cluster its own).
+struct BlockShared {
+  RowStats stats[kMaxWarps];
+  JsdSums jsd[kMaxWarps];
+  RowConsts consts;
+  RowStats part_stats;  // this block's part of the row, read by its cluster peers
+  JsdSums part_jsd;
+};
+
+// The columns [begin, end) of part `part` of a row split in `parts`: runs of
+// whole packs of width w, as equal as that allows (the last may be shorter or
+// empty). A part starts on a multiple of w, so it reaches pack alignment where
+// the whole row does.
+struct Columns {
+  int64_t begin, end;
+};
+
+C10_HOST_DEVICE inline Columns part_columns(int64_t v, int w, unsigned parts, unsigned part) {
+  const int64_t packs = (v + w - 1) / w;
+  const int64_t per = (packs + parts - 1) / parts * w;
+  const int64_t begin = std::min<int64_t>(v, part * per);
+  return Columns{begin, std::min<int64_t>(v, begin + per)};
+}
+
+// The parts of a row and this block's: kSplit is false for the plain launch,
+// whose kernel then has no cluster code at all.
+template <bool kSplit>
+__device__ unsigned row_parts() {
+  return kSplit ? cluster_blocks() : 1;
+}
+
+template <bool kSplit>
+__device__ unsigned row_part() {
+  return kSplit ? cluster_rank() : 0;
+}
+
+// This block's row and columns, asked again where needed rather than kept:
+// values live across the pack loops cost registers there, and at 40 registers
+// a few more spill inside the loops.
+template <bool kSplit>
+__device__ int64_t block_row() {
+  return blockIdx.x / row_parts<kSplit>();
+}
+
+template <typename S, typename Tt, bool kSplit>
+__device__ Columns block_columns(int64_t v) {
+  if (!kSplit) return Columns{0, v};
+  return part_columns(v, pack_width<S, Tt>(), row_parts<kSplit>(), row_part<kSplit>());
+}
+
+// Merges the cluster's per-block values (valid in thread 0 of each block) into
+// the row's, in rank order in every block, so that all get the same bits. The
+// second barrier keeps each block alive until its peers have read its slot.
+template <typename T, typename Merge>
+__device__ T cluster_merge(T x, T* slot, unsigned parts, Merge merge) {
+  if (parts == 1) return x;
+  if (threadIdx.x == 0) *slot = x;
+  cluster_sync();
+  if (threadIdx.x == 0) {
+    x = *cluster_peer(slot, 0);
+    for (unsigned r = 1; r < parts; ++r) x = merge(x, *cluster_peer(slot, r));
+  }
+  cluster_sync();
+  return x;
+}
+
 // Instruction count matters as much as bytes here (ncu, H200: the streaming
 // kernel issues on 80% of cycles), hence: pass 1 without below()'s selects
 // once the anchors are finite, with the z1 mode fixed per row and only the
@@ -184,25 +292,33 @@ __device__ void with_z1(Z1 how, F&& f) {
 // pass after the first runs in the direction opposite to the one before it,
 // starting on what is most likely still in L2. Registers are capped so that
 // three 512-thread blocks share a multiprocessor (unbounded, ptxas took 58-80).
-template <typename S, typename Tt>
-__global__ void __launch_bounds__(kMaxThreads, 3)
+//
+// kSplit: launched in clusters of k blocks (KDFUSED_CUDA_SPLIT, sm_90), row i
+// is split over cluster i: block r takes part_columns(v, W, k, r), and the
+// statistics and JSD's sums are merged through distributed shared memory
+// (cluster_merge). A row is then in flight for about 1/k of the time, so its
+// second read is likelier to come from L2 (notes/gpu-tuning.md, change 4).
+// Blocks of kSplitThreads, four per multiprocessor (64 registers: at 40 the
+// merges made ptxas spill inside the pack loops). Not measured on a GPU yet,
+// so not the default.
+template <typename S, typename Tt, bool kSplit = false>
+__global__ void __launch_bounds__(kSplit ? kSplitThreads : kMaxThreads, kSplit ? 4 : 3)
     distill_rows_kernel(const S* __restrict__ student, const Tt* __restrict__ teacher,
                         int64_t s_stride, int64_t t_stride, const int64_t* __restrict__ labels,
                         const float* __restrict__ grad_scale, float* __restrict__ hard,
                         float* __restrict__ soft, S* __restrict__ grad, int64_t v,
                         const LossParams p) {
-  __shared__ RowStats stats_smem[kMaxWarps];
-  __shared__ JsdSums jsd_smem[kMaxWarps];
-  __shared__ RowConsts consts_smem;
-
-  const int64_t i = blockIdx.x;
-  const Row<S, Tt> row(student + i * s_stride, teacher + i * t_stride,
-                       grad ? grad + i * v : nullptr, v);
+  KDFUSED_BLOCK_SHARED(BlockShared, sh);
+  const unsigned parts = row_parts<kSplit>();
+  const int64_t i = block_row<kSplit>();
+  const Columns cols = block_columns<S, Tt, kSplit>(v);
+  const Row<S, Tt> row(student + i * s_stride + cols.begin, teacher + i * t_stride + cols.begin,
+                       grad ? grad + i * v + cols.begin : nullptr, cols.end - cols.begin);
   const int64_t label = labels ? labels[i] : -1;
   const bool ignored = labels && label == p.ignore_index;
 
-  if (ignored) {
-    if (threadIdx.x == 0) hard[i] = soft[i] = 0.f;
+  if (ignored) {  // the same in every block of a cluster: none of them syncs
+    if (threadIdx.x == 0 && row_part<kSplit>() == 0) hard[i] = soft[i] = 0.f;
     if (row.g) {
       row.for_each([&](int64_t j, const float*, const float*, auto n) {
         Pack<S, decltype(n)::value> zeros;
@@ -213,7 +329,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3)
     }
     return;
   }
-  const bool label_ok = label_readable(labels != nullptr, label, i, v, p);
+  const bool label_ok = label_readable(labels != nullptr, label, i, v, p, row_part<kSplit>() == 0);
 
   const auto merge_stats = [&p](const RowStats& a, const RowStats& b) {
     return stats_merge(a, b, p.inv_t);
@@ -241,10 +357,11 @@ __global__ void __launch_bounds__(kMaxThreads, 3)
       });
     });
   });
-  st = block_reduce(st, merge_stats, stats_empty(), stats_smem);
-  if (threadIdx.x == 0) consts_smem = row_consts(st, p);
+  st = block_reduce(st, merge_stats, stats_empty(), sh.stats);
+  st = cluster_merge(st, &sh.part_stats, parts, merge_stats);
+  if (threadIdx.x == 0) sh.consts = row_consts(st, p);
   __syncthreads();
-  RowConsts c = consts_smem;
+  RowConsts c = sh.consts;
 
   if (p.div == Divergence::kJSD) {
     JsdSums acc{0.f, 0.f};
@@ -253,14 +370,18 @@ __global__ void __launch_bounds__(kMaxThreads, 3)
       for (int k = 0; k < n; ++k) jsd_accumulate(acc, s[k], t[k], c, p);
     });
     const auto merge_jsd = [](const JsdSums& a, const JsdSums& b) { return jsd_merge(a, b); };
-    acc = block_reduce(acc, merge_jsd, JsdSums{0.f, 0.f}, jsd_smem);
-    if (threadIdx.x == 0) jsd_finish(consts_smem, acc, p);
+    acc = block_reduce(acc, merge_jsd, JsdSums{0.f, 0.f}, sh.jsd);
+    acc = cluster_merge(acc, &sh.part_jsd, parts, merge_jsd);
+    if (threadIdx.x == 0) jsd_finish(sh.consts, acc, p);
     __syncthreads();
-    c = consts_smem;
+    c = sh.consts;
   }
 
-  if (threadIdx.x == 0)
-    write_row_losses(hard, soft, i, row.s, labels != nullptr, label, label_ok, c, p);
+  if (threadIdx.x == 0 && row_part<kSplit>() == 0) {
+    const int64_t r = block_row<kSplit>();
+    write_row_losses(hard, soft, r, student + r * s_stride, labels != nullptr,
+                     labels ? labels[r] : -1, label_ok, c, p);
+  }
   if (row.g) {
     const GradCoefs gk = grad_coefs(p, grad_scale ? *grad_scale : 1.f);
     with_grad_variant(p, [&](auto variant) {
@@ -281,23 +402,49 @@ __global__ void __launch_bounds__(kMaxThreads, 3)
       // again rather than kept in registers through the loop.
       __syncthreads();
       if (threadIdx.x == 0 && labels) {
-        const int64_t y = labels[i];
-        if (y >= 0 && y < v) {  // not ignore_index: that row has returned
-          const float sy = static_cast<float>(student[i * s_stride + y]);
-          const float ty = static_cast<float>(teacher[i * t_stride + y]);
-          grad[i * v + y] = static_cast<S>(Variant::element(sy, ty, true, c, p, gk));
+        const int64_t r = block_row<kSplit>();
+        const int64_t y = labels[r];
+        const Columns mine = block_columns<S, Tt, kSplit>(v);
+        // In [0, V) (not ignore_index: that row has returned) and in this part.
+        if (y >= mine.begin && y < mine.end) {
+          const float sy = static_cast<float>(student[r * s_stride + y]);
+          const float ty = static_cast<float>(teacher[r * t_stride + y]);
+          grad[r * v + y] = static_cast<S>(Variant::element(sy, ty, true, c, p, gk));
         }
       }
     });
   }
 }
 
-// Threads per row: enough for about one pack each on short rows, at most
-// kMaxThreads (a whole number of warps).
-inline int threads_for(int64_t v, int width) {
+// KDFUSED_CUDA_SPLIT = k, a benchmark knob (unset: 1): the blocks per row the
+// launcher asks for, 1 to 16 (above 8, a non-portable cluster size that sm_90
+// allows on request).
+constexpr int kMaxSplit = 16;
+constexpr int kPortableSplit = 8;
+
+inline int requested_split() {
+  const char* env = std::getenv("KDFUSED_CUDA_SPLIT");
+  if (env == nullptr || *env == 0) return 1;
+  char* end = nullptr;
+  const long k = std::strtol(env, &end, 10);
+  TORCH_CHECK_VALUE(*end == 0 && k >= 1 && k <= kMaxSplit,
+                    "kdfused: KDFUSED_CUDA_SPLIT must be an integer from 1 to 16, got '", env, "'");
+  return static_cast<int>(k);
+}
+
+// Threads per row (per part of a row): enough for about one pack each on
+// short rows, at most max_threads (a whole number of warps).
+inline int threads_for(int64_t v, int width, int max_threads = kMaxThreads) {
   const int64_t packs = (v + width - 1) / width;
   const int64_t warps = (packs + kWarpSize - 1) / kWarpSize;
-  return static_cast<int>(std::min<int64_t>(kMaxWarps, warps)) * kWarpSize;
+  return static_cast<int>(std::min<int64_t>(max_threads / kWarpSize, warps)) * kWarpSize;
+}
+
+// The launch's threads per block: for the first (longest) part of a row split
+// in `parts` (1: the whole row).
+inline int block_threads(int64_t v, int width, int parts) {
+  const Columns first = part_columns(v, width, parts, 0);
+  return threads_for(first.end - first.begin, width, parts > 1 ? kSplitThreads : kMaxThreads);
 }
 
 }  // namespace cuda

@@ -3,15 +3,20 @@
 // is exercised by the test suite on machines without a GPU. Every CUDA thread
 // of a block is a std::thread, __syncthreads() a block barrier and
 // __shfl_down_sync() an exchange through memory between two warp barriers.
-// Blocks run one after another, so a function-local static stands in for
-// __shared__. It covers what kdfused's kernel uses, nothing more; timing,
-// memory ordering and the hardware's exp are of course not emulated.
+// Plain launches run their blocks one after another, so a function-local
+// static stands in for __shared__. Cluster launches run the blocks of one
+// cluster together (cluster_sync() a barrier over all their threads), each
+// with its own KDFUSED_BLOCK_SHARED storage, which cluster_peer() maps between
+// blocks as distributed shared memory does. It covers what kdfused's kernels
+// use, nothing more; timing, memory ordering and the hardware's exp are of
+// course not emulated.
 //
 // Include after the torch headers and before the device code.
 #pragma once
 
 #include <atomic>
 #include <barrier>
+#include <cstddef>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -31,7 +36,7 @@ inline Dim3 grid_dim;
 
 constexpr int kWarp = 32;
 
-// Synchronisation of one block.
+// Synchronisation and shared memory of one block.
 struct Block {
   explicit Block(unsigned threads) : all(threads), lanes(threads) {
     for (unsigned w = 0; w < threads / kWarp; ++w)
@@ -40,9 +45,19 @@ struct Block {
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<float> lanes;  // one shuffle slot per thread
+  alignas(64) std::byte shared[4096];
+};
+
+// The blocks of the cluster being run.
+struct Cluster {
+  Cluster(unsigned blocks, unsigned threads) : all(blocks * threads) {}
+  std::barrier<> all;
+  std::vector<std::unique_ptr<Block>> blocks;
 };
 
 inline thread_local Block* block = nullptr;
+inline thread_local Cluster* cluster = nullptr;
+inline thread_local unsigned cluster_rank = 0;
 inline std::atomic<int> failed_asserts{0};
 inline std::string first_failed;  // written by the first failing thread only
 
@@ -50,26 +65,42 @@ inline void device_assert(const char* cond) {
   if (failed_asserts.fetch_add(1) == 0) first_failed = cond;
 }
 
-// Launches kernel<<<grid, threads>>>(args...) and waits for it.
+// Launches kernel<<<grid, threads>>>(args...) in clusters of cluster_size
+// blocks (1: a plain launch) and waits for it.
 template <typename... Params, typename... Args>
-void launch(unsigned grid, unsigned threads, void (*kernel)(Params...), Args... args) {
+void launch(unsigned grid, unsigned threads, unsigned cluster_size, void (*kernel)(Params...),
+            Args... args) {
   if (threads % kWarp != 0) throw std::invalid_argument("emulator: threads must be whole warps");
+  if (cluster_size == 0 || grid % cluster_size != 0)
+    throw std::invalid_argument("emulator: the grid must be whole clusters");
   block_dim = Dim3{threads};
   grid_dim = Dim3{grid};
-  for (unsigned b = 0; b < grid; ++b) {
-    Block one(threads);
+  for (unsigned first = 0; first < grid; first += cluster_size) {
+    Cluster group(cluster_size, threads);
+    for (unsigned r = 0; r < cluster_size; ++r)
+      group.blocks.push_back(std::make_unique<Block>(threads));
     std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (unsigned t = 0; t < threads; ++t) {
-      pool.emplace_back([=, &one] {
-        thread_idx = Dim3{t};
-        block_idx = Dim3{b};
-        block = &one;
-        kernel(args...);
-      });
+    pool.reserve(cluster_size * threads);
+    for (unsigned r = 0; r < cluster_size; ++r) {
+      for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([=, &group] {
+          thread_idx = Dim3{t};
+          block_idx = Dim3{first + r};
+          block = group.blocks[r].get();
+          cluster = &group;
+          cluster_rank = r;
+          kernel(args...);
+        });
+      }
     }
     for (auto& th : pool) th.join();
   }
+}
+
+template <typename T>
+T& block_shared() {
+  static_assert(sizeof(T) <= sizeof(Block::shared) && alignof(T) <= 64, "emulator: too large");
+  return *reinterpret_cast<T*>(block->shared);
 }
 
 }  // namespace emu
@@ -84,6 +115,18 @@ void launch(unsigned grid, unsigned threads, void (*kernel)(Params...), Args... 
 #define gridDim emu::grid_dim
 
 inline void __syncthreads() { emu::block->all.arrive_and_wait(); }
+
+// The cluster primitives of distill_kernel.cuh.
+#define KDFUSED_EMULATED 1
+#define KDFUSED_BLOCK_SHARED(Type, name) Type& name = emu::block_shared<Type>()
+inline unsigned cluster_blocks() { return static_cast<unsigned>(emu::cluster->blocks.size()); }
+inline unsigned cluster_rank() { return emu::cluster_rank; }
+inline void cluster_sync() { emu::cluster->all.arrive_and_wait(); }
+template <typename T>
+T* cluster_peer(T* shared, unsigned rank) {
+  const auto offset = reinterpret_cast<std::byte*>(shared) - emu::block->shared;
+  return reinterpret_cast<T*>(emu::cluster->blocks.at(rank)->shared + offset);
+}
 
 inline float __shfl_down_sync(unsigned /*mask: all lanes take part here*/, float v, int delta) {
   const int lane = threadIdx.x % emu::kWarp;

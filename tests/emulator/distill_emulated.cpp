@@ -1,6 +1,7 @@
 // kdfused_emulated::distill_forward: the CUDA kernel of csrc/cuda/ run on CPU
 // tensors by cuda_emulator.h, behind the same schema and the same launch
-// configuration logic as the real CUDA op (csrc/cuda/distill_cuda.cu).
+// configuration logic as the real CUDA op (csrc/cuda/distill_cuda.cu), row
+// splits (KDFUSED_CUDA_SPLIT) included.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -34,10 +35,15 @@ DistillResult distill_forward_emulated(const at::Tensor& student, const at::Tens
       const int64_t* y = prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr;
       const float* scale = grad_scale ? grad_scale->const_data_ptr<float>() : nullptr;
       S* g = compute_grad ? grad.data_ptr<S>() : nullptr;
-      emu::launch(
-          static_cast<unsigned>(prob.n), cuda::threads_for(prob.v, cuda::pack_width<S, Tt>()),
-          &cuda::distill_rows_kernel<S, Tt>, s, t, prob.student.stride(0), prob.teacher.stride(0),
-          y, scale, hard.data_ptr<float>(), soft.data_ptr<float>(), g, prob.v, prob.params);
+      // As the CUDA launcher: a cluster of KDFUSED_CUDA_SPLIT blocks per row.
+      const int parts = cuda::requested_split();
+      emu::launch(static_cast<unsigned>(prob.n * parts),
+                  cuda::block_threads(prob.v, cuda::pack_width<S, Tt>(), parts),
+                  static_cast<unsigned>(parts),
+                  parts > 1 ? &cuda::distill_rows_kernel<S, Tt, true>
+                            : &cuda::distill_rows_kernel<S, Tt, false>,
+                  s, t, prob.student.stride(0), prob.teacher.stride(0), y, scale,
+                  hard.data_ptr<float>(), soft.data_ptr<float>(), g, prob.v, prob.params);
     });
   });
   // What CUDA reports at the next synchronisation after a device-side assert.
