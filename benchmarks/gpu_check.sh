@@ -5,7 +5,7 @@
 # Liger-Kernel, ncu's view of the kernel, and a sweep over V and N. Everything
 # lands under $OUT: gpu_check.log (all output), pytest.log, bench.md,
 # bench.csv, split<k>.{csv,md} (KDFUSED_CUDA_SPLIT = k), ncu.txt and
-# ncu-split4.txt. Each stage has its own time limit; about 5 minutes when all
+# ncu-split8.txt. Each stage has its own time limit; about 5 minutes when all
 # goes well.
 #
 #   KDFUSED_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
@@ -104,12 +104,12 @@ PY
     --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,smsp__inst_executed.sum \
     python3 /tmp/one_step.py > "$out/ncu.txt" 2>&1
   grep -E "distill_|Duration|DRAM Throughput|L2 Cache Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|dram__bytes|lts__t_sector_hit|smsp__inst_executed.sum|Issue Slots Busy" "$out/ncu.txt" | head -30
-  echo "-- the same launch split over 4 blocks per row (KDFUSED_CUDA_SPLIT=4)"
-  KDFUSED_CUDA_SPLIT=4 timeout 90 ncu --clock-control none -k regex:distill \
+  echo "-- the same launch split over 8 blocks per row (KDFUSED_CUDA_SPLIT=8)"
+  KDFUSED_CUDA_SPLIT=8 timeout 90 ncu --clock-control none -k regex:distill \
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
     --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,smsp__inst_executed.sum \
-    python3 /tmp/one_step.py > "$out/ncu-split4.txt" 2>&1
-  grep -E "distill_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|dram__bytes|lts__t_sector_hit|smsp__inst_executed.sum" "$out/ncu-split4.txt" | head -20
+    python3 /tmp/one_step.py > "$out/ncu-split8.txt" 2>&1
+  grep -E "distill_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|dram__bytes|lts__t_sector_hit|smsp__inst_executed.sum" "$out/ncu-split8.txt" | head -20
 else
   echo "no ncu on this machine"
 fi
