@@ -58,13 +58,12 @@ struct ClusterLaunch {
   ClusterLaunch& operator=(const ClusterLaunch&) = delete;
 };
 
-// Blocks per row: KDFUSED_CUDA_SPLIT where the kernel was compiled for sm_90 or
-// later, the grid stays within 2^31 - 1 blocks and the device schedules such
+// Blocks per row: the requested parts where the kernel was compiled for sm_90
+// or later, the grid stays within 2^31 - 1 blocks and the device schedules such
 // clusters at all (above 8 blocks only once the kernel is allowed non-portable
 // sizes); else 1.
 template <typename Kernel>
-int split_for(Kernel kernel, int64_t n, int threads) {
-  const int parts = requested_split();
+int split_for(Kernel kernel, int64_t n, int parts, int threads) {
   if (parts == 1 || n > std::numeric_limits<int32_t>::max() / parts) return 1;
   const bool ok = once_per_device(std::make_pair(parts, threads), [&] {
     cudaFuncAttributes attributes{};
@@ -94,7 +93,9 @@ void launch(const DistillProblem& prob, const std::optional<at::Tensor>& grad_sc
   const int width = pack_width<S, Tt>();
   const auto split_kernel = distill_rows_kernel<S, Tt, true>;
   int parts = requested_split();
-  if (parts > 1) parts = split_for(split_kernel, prob.n, block_threads(prob.v, width, parts));
+  if (parts > 1) {
+    parts = split_for(split_kernel, prob.n, parts, block_threads(prob.v, width, parts));
+  }
   const auto kernel = parts > 1 ? split_kernel : distill_rows_kernel<S, Tt, false>;
   const int threads = block_threads(prob.v, width, parts);
   const S* student = prob.student.const_data_ptr<S>();
