@@ -378,6 +378,8 @@ __global__ void __launch_bounds__(kSplit ? kSplitThreads : kMaxThreads, kSplit ?
   }
 
   if (threadIdx.x == 0 && row_part<kSplit>() == 0) {
+    // Row and label asked again, not kept from the top: keeping them cost the
+    // bf16 pack loops up to 2 instructions per pack (scripts/sass_loops.py, sm_90).
     const int64_t r = block_row<kSplit>();
     write_row_losses(hard, soft, r, student + r * s_stride, labels != nullptr,
                      labels ? labels[r] : -1, label_ok, c, p);
@@ -434,7 +436,7 @@ inline int requested_split() {
 
 // Threads per row (per part of a row): enough for about one pack each on
 // short rows, at most max_threads (a whole number of warps).
-inline int threads_for(int64_t v, int width, int max_threads = kMaxThreads) {
+inline int threads_for(int64_t v, int width, int max_threads) {
   const int64_t packs = (v + width - 1) / width;
   const int64_t warps = (packs + kWarpSize - 1) / kWarpSize;
   return static_cast<int>(std::min<int64_t>(max_threads / kWarpSize, warps)) * kWarpSize;

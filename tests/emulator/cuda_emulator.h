@@ -3,13 +3,12 @@
 // is exercised by the test suite on machines without a GPU. Every CUDA thread
 // of a block is a std::thread, __syncthreads() a block barrier and
 // __shfl_down_sync() an exchange through memory between two warp barriers.
-// Plain launches run their blocks one after another, so a function-local
-// static stands in for __shared__. Cluster launches run the blocks of one
-// cluster together (cluster_sync() a barrier over all their threads), each
-// with its own KDFUSED_BLOCK_SHARED storage, which cluster_peer() maps between
-// blocks as distributed shared memory does. It covers what kdfused's kernels
-// use, nothing more; timing, memory ordering and the hardware's exp are of
-// course not emulated.
+// A launch runs its clusters one after another (a plain launch: clusters of
+// one block) and the blocks of one cluster together (cluster_sync() a barrier
+// over all their threads), each with its own KDFUSED_BLOCK_SHARED storage,
+// which cluster_peer() maps between blocks as distributed shared memory does. It covers what
+// kdfused's kernels use, nothing more; timing, memory ordering and the hardware's exp are of course
+// not emulated.
 //
 // Include after the torch headers and before the device code.
 #pragma once
@@ -107,7 +106,6 @@ T& block_shared() {
 
 #define __global__
 #define __device__
-#define __shared__ static
 #define __launch_bounds__(...)
 #define threadIdx emu::thread_idx
 #define blockIdx emu::block_idx
