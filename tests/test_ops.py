@@ -113,6 +113,7 @@ def test_extension_is_loaded():
         (torch.float32, torch.bfloat16),
         (torch.float16, torch.float16),  # F16C loads and stores on the AVX2 path
         (torch.bfloat16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),  # JSD's pass reads the logits in place
     ],
 )
 def test_cpu_instruction_sets_agree(monkeypatch, s_dtype, t_dtype):
@@ -138,6 +139,34 @@ def test_cpu_instruction_sets_agree(monkeypatch, s_dtype, t_dtype):
     # 16-bit value (FMA contraction moves the float result by an ulp or so).
     rtol = 0.0 if s_dtype == torch.float32 else torch.finfo(s_dtype).eps
     torch.testing.assert_close(grad_a, grad_b, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("capability", ["default", "auto"])
+def test_cpu_jsd_bfloat16_in_place_matches_converted(monkeypatch, capability):
+    """With both models' logits bfloat16, JSD's pass reads them in place
+    (jsd_bf16); with a float32 teacher it reads converted chunks. Those hold the
+    same float values, so loss and gradient must agree bit for bit, on both
+    instruction sets (V = 3001: five 512-element chunks and a ragged one)."""
+    if capability == "default":
+        monkeypatch.setenv("KDFUSED_CPU_CAPABILITY", "default")
+    else:
+        monkeypatch.delenv("KDFUSED_CPU_CAPABILITY", raising=False)
+    s = make_logits((4, 3001), torch.bfloat16, seed=54)
+    t = make_logits((4, 3001), torch.bfloat16, seed=55)
+    s[1, :700] = float("-inf")  # masked entries, one chunk's anchors -inf
+    y = make_labels((4,), 3001, "none")
+    results = []
+    for teacher in (t, t.float()):
+        student = s.clone().requires_grad_()
+        loss = kdfused.fused_distill_loss(
+            student, teacher, y, divergence="jsd", beta=0.3, reduction="none", backend="cpu"
+        )
+        loss.sum().backward()
+        results.append((loss.detach(), student.grad))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert torch.isfinite(loss_a).all() and grad_a.abs().sum() > 0
+    assert torch.equal(loss_a, loss_b)
+    assert torch.equal(grad_a, grad_b)
 
 
 def test_baseline_path_has_no_avx():

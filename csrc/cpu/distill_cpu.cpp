@@ -153,22 +153,44 @@ KDFUSED_INLINE void jsd_lane(float s, float t, float ps, float pt, const RowCons
   d = e.lps - e.lm;
 }
 
+// A logit as the chunk kernels read it: a float as it is, bfloat16 bits
+// widened in the loop that reads them (the bits are the float's upper half).
+KDFUSED_INLINE float widen(float x) { return x; }
+KDFUSED_INLINE float widen(uint16_t bits) {
+  return host::from_bits(static_cast<int32_t>(uint32_t{bits} << 16));
+}
+
+// kLanes logits from x as floats: x itself, or bfloat16 widened into buf
+// before the lanes' loop (widened inside it, GCC sized that loop's vectors
+// for the 16-bit input and ran JSD's pass 4 floats wide: jsd took 1.3x as long).
+KDFUSED_INLINE const float* lanes(const float* x, float*) { return x; }
+KDFUSED_INLINE const float* lanes(const uint16_t* x, float* buf) {
+  for (int l = 0; l < kLanes; ++l) buf[l] = widen(x[l]);
+  return buf;
+}
+
 // JSD's pass for one chunk. It overwrites et with log p_s - log m, all the
-// gradient pass needs besides p_s (so that pass takes no log either).
-KDFUSED_INLINE void jsd_chunk(JsdSums& acc, const float* KD_R s, const float* KD_R t,
-                              const float* KD_R es, float* KD_R et, int64_t len, ChunkScale f,
-                              const RowConsts& c, const LossParams& p) {
+// gradient pass needs besides p_s (so that pass takes no log). L: float, or
+// bfloat16 bits read in place: converting them into a buffer first, as pass 1
+// does, took about a fifth of this pass's time at bf16 V = 128k (perf).
+template <typename L>
+KDFUSED_INLINE void jsd_chunk(JsdSums& acc, const L* KD_R s, const L* KD_R t, const float* KD_R es,
+                              float* KD_R et, int64_t len, ChunkScale f, const RowConsts& c,
+                              const LossParams& p) {
   float tm[kLanes] = {}, sm[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= len; k += kLanes) {
+    float sbuf[kLanes], tbuf[kLanes];
+    const float* sf = lanes(s + k, sbuf);
+    const float* tf = lanes(t + k, tbuf);
     for (int l = 0; l < kLanes; ++l) {
       const int64_t j = k + l;
-      jsd_lane(s[j], t[j], es[j] * f.fs, et[j] * f.ft, c, p, tm[l], sm[l], et[j]);
+      jsd_lane(sf[l], tf[l], es[j] * f.fs, et[j] * f.ft, c, p, tm[l], sm[l], et[j]);
     }
   }
   for (int l = 0; k + l < len; ++l) {
     const int64_t j = k + l;
-    jsd_lane(s[j], t[j], es[j] * f.fs, et[j] * f.ft, c, p, tm[l], sm[l], et[j]);
+    jsd_lane(widen(s[j]), widen(t[j]), es[j] * f.fs, et[j] * f.ft, c, p, tm[l], sm[l], et[j]);
   }
   acc = jsd_merge(acc, JsdSums{lane_sum(tm), lane_sum(sm)});
 }
@@ -251,12 +273,14 @@ KDFUSED_AVX2 void avx2_store_f16(uint16_t* out, const float* x, int64_t len) {
 
 // The chunk kernels of one instruction set, as a table: the row loop below
 // picks one table at run time. Each entry is compiled once per instruction
-// set (the KDFUSED_INLINE bodies take the entry's target). None of the chunk
-// kernels depends on the logits' dtype: chunks are converted to float first,
-// by the table's 16-bit loads, and gradients stored by its 16-bit stores.
+// set (the KDFUSED_INLINE bodies take the entry's target). Chunks are
+// converted to float first, by the table's 16-bit loads, and gradients stored
+// by its 16-bit stores; only JSD's pass also reads bfloat16 logits in place
+// (jsd_bf16, for a student and teacher both bfloat16).
 using StatsFn = void (*)(RowStats&, const float*, const float*, int64_t, float, float*, float*);
-using JsdFn = void (*)(JsdSums&, const float*, const float*, const float*, float*, int64_t,
-                       ChunkScale, const RowConsts&, const LossParams&);
+template <typename L>
+using JsdFn = void (*)(JsdSums&, const L*, const L*, const float*, float*, int64_t, ChunkScale,
+                       const RowConsts&, const LossParams&);
 using GradFn = void (*)(float*, const float*, const float*, const float*, const float*, int64_t,
                         ChunkScale, const RowConsts&, const LossParams&, const GradCoefs&);
 
@@ -276,8 +300,9 @@ inline bool hard_from_logits(int variant) { return variant == 2 || variant == 3;
 
 struct ChunkKernels {
   StatsFn stats[3][3];  // [divergence][Z1 mode]
-  JsdFn jsd;
-  GradFn grad[3][5];  // [divergence][grad_variant]
+  JsdFn<float> jsd;
+  JsdFn<uint16_t> jsd_bf16;  // both models' logits bfloat16
+  GradFn grad[3][5];         // [divergence][grad_variant]
   Store16Fn store_bf16;
   Load16Fn load_bf16;
   Load16Fn load_f16;
@@ -298,8 +323,9 @@ struct ChunkKernels {
                                 float inv_t, float* es, float* et) {                             \
     stats_chunk<kD, kZ1>(st, s, t, len, inv_t, es, et);                                          \
   }                                                                                              \
-  __VA_ARGS__ void NAME##_jsd(JsdSums& acc, const float* s, const float* t, const float* es,     \
-                              float* et, int64_t len, ChunkScale f, const RowConsts& c,          \
+  template <typename L>                                                                          \
+  __VA_ARGS__ void NAME##_jsd(JsdSums& acc, const L* s, const L* t, const float* es, float* et,  \
+                              int64_t len, ChunkScale f, const RowConsts& c,                     \
                               const LossParams& p) {                                             \
     jsd_chunk(acc, s, t, es, et, len, f, c, p);                                                  \
   }                                                                                              \
@@ -318,7 +344,8 @@ struct ChunkKernels {
   const ChunkKernels NAME##_kernels = {                                                          \
       {KDFUSED_STATS(NAME, Divergence::kForwardKL), KDFUSED_STATS(NAME, Divergence::kReverseKL), \
        KDFUSED_STATS(NAME, Divergence::kJSD)},                                                   \
-      NAME##_jsd,                                                                                \
+      NAME##_jsd<float>,                                                                         \
+      NAME##_jsd<uint16_t>,                                                                      \
       {KDFUSED_GRADS(NAME, Divergence::kForwardKL), KDFUSED_GRADS(NAME, Divergence::kReverseKL), \
        KDFUSED_GRADS(NAME, Divergence::kJSD)},                                                   \
       NAME##_store_bf16,                                                                         \
@@ -415,8 +442,15 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
       JsdSums acc{0.f, 0.f};
       for (int64_t j0 = 0, b = 0; j0 < v; j0 += kChunk, ++b) {
         const int64_t len = std::min(kChunk, v - j0);
-        kernels.jsd(acc, as_float(s + j0, len, sbuf, kernels), as_float(t + j0, len, tbuf, kernels),
-                    es + j0, et + j0, len, scale_of(b), c, p);
+        if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<Tt, c10::BFloat16>) {
+          kernels.jsd_bf16(acc, reinterpret_cast<const uint16_t*>(s + j0),
+                           reinterpret_cast<const uint16_t*>(t + j0), es + j0, et + j0, len,
+                           scale_of(b), c, p);
+        } else {
+          kernels.jsd(acc, as_float(s + j0, len, sbuf, kernels),
+                      as_float(t + j0, len, tbuf, kernels), es + j0, et + j0, len, scale_of(b), c,
+                      p);
+        }
       }
       jsd_finish(c, acc, p);
     }
