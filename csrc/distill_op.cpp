@@ -114,6 +114,7 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
   p.ignore_index = ignore_index;
   p.has_labels = labels.has_value();
   p.t_is_2 = temperature == 2.0;
+  p.t_is_1 = temperature == 1.0;
   return prob;
 }
 

@@ -38,14 +38,17 @@ struct LossParams {
   int64_t ignore_index;
   bool has_labels;
   bool t_is_2;  // T == 2 exactly (the common default): exp(x) = exp(x / T)^2
+  bool t_is_1;  // T == 1 exactly: softmax(s / T) is softmax(s)
 };
 
-// How pass 1 forms the T = 1 sum z1 of the hard term: not at all (no labels),
-// with its own exp, or, for T = 2, as the square of the exp it already has.
+// How pass 1 forms the T = 1 sum z1 of the hard term: not at all (no labels,
+// or T = 1, where z1 is zs), with its own exp, or, for T = 2, as the square
+// of the exp it already has.
 enum class Z1 : int32_t { kNone = 0, kExp = 1, kSquare = 2 };
 
 C10_HOST_DEVICE inline Z1 z1_mode(const LossParams& p) {
-  return !p.has_labels ? Z1::kNone : (p.t_is_2 ? Z1::kSquare : Z1::kExp);
+  if (!p.has_labels || p.t_is_1) return Z1::kNone;
+  return p.t_is_2 ? Z1::kSquare : Z1::kExp;
 }
 
 C10_HOST_DEVICE inline float neg_inf() { return -INFINITY; }
@@ -367,7 +370,7 @@ C10_HOST_DEVICE inline RowConsts row_consts(const RowStats& st, const LossParams
   c.ref = st.ref;
   c.log_zs = ::logf(st.zs);
   c.log_zt = ::logf(st.zt);
-  c.log_z1 = ::logf(st.z1);
+  c.log_z1 = p.t_is_1 ? c.log_zs : ::logf(st.z1);  // T = 1: z1 is zs (z1_mode)
   c.mean_rs = st.ws / st.zs * p.inv_t;
   c.kl_sm = 0.f;
   c.q_per_ps2 = (st.zs / st.z1) * st.zs;
@@ -473,20 +476,31 @@ C10_HOST_DEVICE inline GradCoefs grad_coefs(const LossParams& p, float grad_scal
   return GradCoefs{grad_scale * p.alpha, grad_scale * (p.soft_coef * p.inv_t)};
 }
 
+// Where the gradient's hard term takes q = softmax(s) from, when the soft
+// term has p_s = softmax(s / T) at hand: its own exp of the logit, or p_s
+// itself for T = 1 and p_s^2 zs^2 / z1 for T = 2 (no exp, no logit read).
+enum class HardQ : int32_t { kExp, kPs, kPsSquared };
+
 // The gradient of one element, grad_scale * d loss_i / d s_iv, from its p_s and
-// dd = T dD/ds: k.hard * (q - onehot(y)) + k.soft * dd with q = softmax(s) (for
-// T = 2 from p_s). kHard / kSoft: the hard / soft term has a weight; a term
-// whose weight is 0 is skipped, so it cannot turn a finite gradient NaN.
-template <bool kHard, bool kSoft, bool kT2>
+// dd = T dD/ds: k.hard * (q - onehot(y)) + k.soft * dd with q = softmax(s),
+// taken as kQ says (from p_s only with a soft term). kHard / kSoft: the hard /
+// soft term has a weight; a term whose weight is 0 is skipped, so it cannot
+// turn a finite gradient NaN.
+template <bool kHard, bool kSoft, HardQ kQ>
 KDFUSED_HOT float combine_grad(float s, float ps, float dd, bool is_label, const RowConsts& c,
                                const GradCoefs& k) {
+  constexpr bool kFromPs = kHard && kSoft && kQ != HardQ::kExp;
   float g = 0.f;
-  if (kHard && kT2 && kSoft && !is_label) {
+  if (kFromPs && kQ == HardQ::kPsSquared && !is_label) {
     // k.hard * softmax_from_ps(ps, c) with the two constants multiplied once
     // per row (the inner product stays >= the result: no earlier underflow).
     g = ps * (ps * (c.q_per_ps2 * k.hard));
+  } else if (kFromPs && kQ == HardQ::kPs && !is_label) {
+    g = k.hard * ps;
   } else if (kHard) {
-    const float q = kT2 && kSoft ? softmax_from_ps(ps, c) : exp_affine(s - c.ms, 1.f, c.log_z1);
+    const float q = !kFromPs                  ? exp_affine(s - c.ms, 1.f, c.log_z1)
+                    : kQ == HardQ::kPsSquared ? softmax_from_ps(ps, c)
+                                              : ps;
     g = k.hard * (q - (is_label ? 1.f : 0.f));
   }
   if (kSoft) g += k.soft * dd;
@@ -494,8 +508,8 @@ KDFUSED_HOT float combine_grad(float s, float ps, float dd, bool is_label, const
 }
 
 // grad_scale * d loss_i / d s_iv for one element, for a divergence D known at
-// compile time (kT2: T = 2), given p_s and p_t (p_t unused by reverse KL).
-template <Divergence D, bool kHard, bool kSoft, bool kT2 = false>
+// compile time, given p_s and p_t (p_t unused by reverse KL).
+template <Divergence D, bool kHard, bool kSoft, HardQ kQ = HardQ::kExp>
 KDFUSED_HOT float grad_from_probs(float s, float t, float ps, float pt, bool is_label,
                                   const RowConsts& c, const LossParams& p, const GradCoefs& k) {
   float dd = 0.f;
@@ -509,16 +523,16 @@ KDFUSED_HOT float grad_from_probs(float s, float t, float ps, float pt, bool is_
       dd = jsd_grad(ps, log_ps(s, c, p) - log_mix(pt, ps, p), c, p);
     }
   }
-  return combine_grad<kHard, kSoft, kT2>(s, ps, dd, is_label, c, k);
+  return combine_grad<kHard, kSoft, kQ>(s, ps, dd, is_label, c, k);
 }
 
 // The same, computing p_s and p_t (what the soft term needs of them) itself.
-template <Divergence D, bool kHard, bool kSoft, bool kT2 = false>
+template <Divergence D, bool kHard, bool kSoft, HardQ kQ = HardQ::kExp>
 KDFUSED_HOT float grad_element_as(float s, float t, bool is_label, const RowConsts& c,
                                   const LossParams& p, const GradCoefs& k) {
   const float ps = kSoft ? prob_s(s, c, p) : 0.f;
   const float pt = kSoft && D != Divergence::kReverseKL ? prob_t(t, c, p) : 0.f;
-  return grad_from_probs<D, kHard, kSoft, kT2>(s, t, ps, pt, is_label, c, p, k);
+  return grad_from_probs<D, kHard, kSoft, kQ>(s, t, ps, pt, is_label, c, p, k);
 }
 
 // Calls f(std::integral_constant<Divergence, D>) for the run-time divergence.
@@ -533,13 +547,14 @@ C10_HOST_DEVICE inline decltype(auto) with_divergence(Divergence d, F&& f) {
 
 // One of grad_element_as's instantiations, as a type a kernel can carry into
 // its loops (so that they test the divergence and the term weights once per row).
-template <Divergence D, bool kHard, bool kSoft, bool kT2>
+template <Divergence D, bool kHard, bool kSoft, HardQ kQ>
 struct GradVariant {
   static constexpr Divergence kDivergence = D;
-  static constexpr bool kHasHard = kHard, kHasSoft = kSoft, kTIs2 = kT2;
+  static constexpr bool kHasHard = kHard, kHasSoft = kSoft;
+  static constexpr HardQ kHardQ = kQ;
   KDFUSED_HOT static float element(float s, float t, bool is_label, const RowConsts& c,
                                    const LossParams& p, const GradCoefs& k) {
-    return grad_element_as<D, kHard, kSoft, kT2>(s, t, is_label, c, p, k);
+    return grad_element_as<D, kHard, kSoft, kQ>(s, t, is_label, c, p, k);
   }
 };
 
@@ -550,11 +565,12 @@ C10_HOST_DEVICE inline decltype(auto) with_grad_variant(const LossParams& p, F&&
   const bool soft = p.soft_coef != 0.f;
   return with_divergence(p.div, [&](auto d) {
     constexpr Divergence D = decltype(d)::value;
-    if (hard && soft && p.t_is_2) return f(GradVariant<D, true, true, true>{});
-    if (hard && soft) return f(GradVariant<D, true, true, false>{});
-    if (hard) return f(GradVariant<D, true, false, false>{});
-    if (soft) return f(GradVariant<D, false, true, false>{});
-    return f(GradVariant<D, false, false, false>{});  // neither term: 0
+    if (hard && soft && p.t_is_2) return f(GradVariant<D, true, true, HardQ::kPsSquared>{});
+    if (hard && soft && p.t_is_1) return f(GradVariant<D, true, true, HardQ::kPs>{});
+    if (hard && soft) return f(GradVariant<D, true, true, HardQ::kExp>{});
+    if (hard) return f(GradVariant<D, true, false, HardQ::kExp>{});
+    if (soft) return f(GradVariant<D, false, true, HardQ::kExp>{});
+    return f(GradVariant<D, false, false, HardQ::kExp>{});  // neither term: 0
   });
 }
 

@@ -105,6 +105,7 @@ def test_offset_views(emulated, s_offset, t_offset, t_dtype):
     [
         dict(alpha=0.0),
         dict(alpha=1.0, reduction="sum"),
+        dict(temperature=1.0, alpha=0.3),  # q = p_s (HardQ::kPs), no z1 sum
         dict(temperature=0.5, scale_by_t2=False, reduction="none"),
         dict(temperature=8.0, beta=0.1, ignore_index=3),
     ],

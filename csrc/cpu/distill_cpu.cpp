@@ -197,7 +197,7 @@ KDFUSED_INLINE void jsd_chunk(JsdSums& acc, const L* KD_R s, const L* KD_R t, co
 
 // The gradient of one chunk (the label's own element is fixed up later). For
 // JSD with a soft term, et holds log p_s - log m (jsd_chunk).
-template <Divergence D, bool kHard, bool kSoft, bool kT2>
+template <Divergence D, bool kHard, bool kSoft, HardQ kQ>
 KDFUSED_INLINE void grad_chunk(float* KD_R g, const float* KD_R s, const float* KD_R t,
                                const float* KD_R es, const float* KD_R et, int64_t len,
                                ChunkScale f, const RowConsts& c, const LossParams& p,
@@ -205,9 +205,9 @@ KDFUSED_INLINE void grad_chunk(float* KD_R g, const float* KD_R s, const float* 
   for (int64_t k = 0; k < len; ++k) {
     const float ps = es[k] * f.fs;
     if (D == Divergence::kJSD && kSoft) {
-      g[k] = combine_grad<kHard, kSoft, kT2>(s[k], ps, jsd_grad(ps, et[k], c, p), false, c, gk);
+      g[k] = combine_grad<kHard, kSoft, kQ>(s[k], ps, jsd_grad(ps, et[k], c, p), false, c, gk);
     } else {
-      g[k] = grad_from_probs<D, kHard, kSoft, kT2>(s[k], t[k], ps, et[k] * f.ft, false, c, p, gk);
+      g[k] = grad_from_probs<D, kHard, kSoft, kQ>(s[k], t[k], ps, et[k] * f.ft, false, c, p, gk);
     }
   }
 }
@@ -284,25 +284,28 @@ using JsdFn = void (*)(JsdSums&, const L*, const L*, const float*, float*, int64
 using GradFn = void (*)(float*, const float*, const float*, const float*, const float*, int64_t,
                         ChunkScale, const RowConsts&, const LossParams&, const GradCoefs&);
 
-// Which gradient variant a problem needs: 2 * hard + soft, or kHardSoftT2.
-constexpr int kHardSoftT2 = 4;
+// Which gradient variant a problem needs: 2 * hard + soft, or the hard and
+// soft terms with q from p_s (T = 1, T = 2).
+constexpr int kHardSoftT1 = 4, kHardSoftT2 = 5;
 
 inline int grad_variant(const LossParams& p) {
   return with_grad_variant(p, [](auto variant) {
     using V = decltype(variant);
-    return V::kTIs2 ? kHardSoftT2 : 2 * V::kHasHard + V::kHasSoft;
+    if (V::kHardQ == HardQ::kPs) return kHardSoftT1;
+    if (V::kHardQ == HardQ::kPsSquared) return kHardSoftT2;
+    return 2 * V::kHasHard + V::kHasSoft;
   });
 }
 
 // Whether a variant's hard term takes softmax(s) from the logits (2 * hard +
-// soft with hard set), rather than from p_s as kHardSoftT2 does.
+// soft with hard set), rather than from p_s as kHardSoftT1 and T2 do.
 inline bool hard_from_logits(int variant) { return variant == 2 || variant == 3; }
 
 struct ChunkKernels {
   StatsFn stats[3][3];  // [divergence][Z1 mode]
   JsdFn<float> jsd;
   JsdFn<uint16_t> jsd_bf16;  // both models' logits bfloat16
-  GradFn grad[3][5];         // [divergence][grad_variant]
+  GradFn grad[3][6];         // [divergence][grad_variant]
   Store16Fn store_bf16;
   Load16Fn load_bf16;
   Load16Fn load_f16;
@@ -312,10 +315,10 @@ struct ChunkKernels {
 #define KDFUSED_STATS(NAME, D) \
   {NAME##_stats<D, Z1::kNone>, NAME##_stats<D, Z1::kExp>, NAME##_stats<D, Z1::kSquare>}
 
-#define KDFUSED_GRADS(NAME, D)                                              \
-  {NAME##_grad<D, false, false, false>, NAME##_grad<D, false, true, false>, \
-   NAME##_grad<D, true, false, false>, NAME##_grad<D, true, true, false>,   \
-   NAME##_grad<D, true, true, true>}
+#define KDFUSED_GRADS(NAME, D)                                                          \
+  {NAME##_grad<D, false, false, HardQ::kExp>, NAME##_grad<D, false, true, HardQ::kExp>, \
+   NAME##_grad<D, true, false, HardQ::kExp>,  NAME##_grad<D, true, true, HardQ::kExp>,  \
+   NAME##_grad<D, true, true, HardQ::kPs>,    NAME##_grad<D, true, true, HardQ::kPsSquared>}
 
 #define KDFUSED_CHUNK_KERNELS(NAME, ...)                                                         \
   template <Divergence kD, Z1 kZ1>                                                               \
@@ -329,11 +332,11 @@ struct ChunkKernels {
                               const LossParams& p) {                                             \
     jsd_chunk(acc, s, t, es, et, len, f, c, p);                                                  \
   }                                                                                              \
-  template <Divergence D, bool kHard, bool kSoft, bool kT2>                                      \
+  template <Divergence D, bool kHard, bool kSoft, HardQ kQ>                                      \
   __VA_ARGS__ void NAME##_grad(float* g, const float* s, const float* t, const float* es,        \
                                const float* et, int64_t len, ChunkScale f, const RowConsts& c,   \
                                const LossParams& p, const GradCoefs& k) {                        \
-    grad_chunk<D, kHard, kSoft, kT2>(g, s, t, es, et, len, f, c, p, k);                          \
+    grad_chunk<D, kHard, kSoft, kQ>(g, s, t, es, et, len, f, c, p, k);                           \
   }                                                                                              \
   __VA_ARGS__ void NAME##_store_bf16(uint16_t* out, const float* x, int64_t len) {               \
     store_bf16(out, x, len);                                                                     \
