@@ -223,12 +223,10 @@ KDFUSED_INLINE void store_bf16(uint16_t* out, const float* x, int64_t len) {
   }
 }
 
-// bfloat16 bits -> float: the bits are the float's upper half. In the
-// table, so that it vectorises with the instruction set of the loops that
-// read the result.
+// bfloat16 bits -> float (widen) for a chunk. In the table, so that it
+// vectorises with the instruction set of the loops that read the result.
 KDFUSED_INLINE void load_bf16(float* KD_R out, const uint16_t* KD_R x, int64_t len) {
-  for (int64_t k = 0; k < len; ++k)
-    out[k] = host::from_bits(static_cast<int32_t>(uint32_t{x[k]} << 16));
+  for (int64_t k = 0; k < len; ++k) out[k] = widen(x[k]);
 }
 
 // 16-bit floats (bfloat16 or float16, as their bits) <-> float.
