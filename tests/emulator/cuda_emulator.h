@@ -6,9 +6,9 @@
 // A launch runs its clusters one after another (a plain launch: clusters of
 // one block) and the blocks of one cluster together (cluster_sync() a barrier
 // over all their threads), each with its own KDFUSED_BLOCK_SHARED storage,
-// which cluster_peer() maps between blocks as distributed shared memory does. It covers what
-// kdfused's kernels use, nothing more; timing, memory ordering and the hardware's exp are of course
-// not emulated.
+// which cluster_peer() maps between blocks as distributed shared memory does.
+// It covers what kdfused's kernels use, nothing more; timing, memory ordering
+// and the hardware's exp are of course not emulated.
 //
 // Include after the torch headers and before the device code.
 #pragma once
