@@ -430,7 +430,8 @@ inline int requested_split() {
   char* end = nullptr;
   const long k = std::strtol(env, &end, 10);
   TORCH_CHECK_VALUE(*end == 0 && k >= 1 && k <= kMaxSplit,
-                    "kdfused: KDFUSED_CUDA_SPLIT must be an integer from 1 to 16, got '", env, "'");
+                    "kdfused: KDFUSED_CUDA_SPLIT must be an integer from 1 to ", kMaxSplit,
+                    ", got '", env, "'");
   return static_cast<int>(k);
 }
 
