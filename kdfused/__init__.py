@@ -2,6 +2,13 @@
 
 from . import reference
 from .functional import fused_distill_loss
-from .loss import FusedDistillLoss
+from .fused_linear import fused_linear_distill_loss
+from .loss import FusedDistillLoss, FusedLinearDistillLoss
 
-__all__ = ["FusedDistillLoss", "fused_distill_loss", "reference"]
+__all__ = [
+    "FusedDistillLoss",
+    "FusedLinearDistillLoss",
+    "fused_distill_loss",
+    "fused_linear_distill_loss",
+    "reference",
+]

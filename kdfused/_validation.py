@@ -60,15 +60,43 @@ def validate_options(
         raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
 
 
+def _check_floating(name: str, x, *, min_dim: int = 1) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"{name} must have at least {min_dim} dims, got a {x.dim()}-d tensor of shape "
+            f"{tuple(x.shape)}"
+        )
+
+
+def _check_labels(labels, lead: torch.Size, device: torch.device, *, alpha, lead_of: str) -> None:
+    """labels: None (then alpha must be 0) or an int64 tensor of shape `lead`."""
+    if labels is None:
+        if alpha != 0:
+            raise ValueError(
+                f"labels=None leaves the hard cross-entropy undefined: alpha must be 0, got {alpha}"
+            )
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must have dtype torch.int64, got {labels.dtype}")
+    if labels.shape != lead:
+        raise ValueError(
+            f"labels must have shape {tuple(lead)} (the {lead_of}' leading dims), "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device != device:
+        raise ValueError(f"labels must be on the {lead_of}' device {device}, got {labels.device}")
+
+
 def validate_tensors(student_logits, teacher_logits, labels, *, alpha) -> None:
     """Checks types, dtypes, shapes and devices of the inputs."""
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() == 0:
-            raise ValueError(f"{name} must have shape [..., V], got a 0-d tensor")
+        _check_floating(name, x)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student_logits and teacher_logits must have the same shape, got "
@@ -83,25 +111,128 @@ def validate_tensors(student_logits, teacher_logits, labels, *, alpha) -> None:
             "student_logits and teacher_logits must be on the same device, got "
             f"{student_logits.device} and {teacher_logits.device}"
         )
-    if labels is None:
-        if alpha != 0:
+    _check_labels(
+        labels, student_logits.shape[:-1], student_logits.device, alpha=alpha, lead_of="logits"
+    )
+
+
+def _check_linear(role: str, hidden, weight, bias) -> int:
+    """One model's hidden states [..., H], weight [V, H] and bias [V] (or None):
+    returns V."""
+    _check_floating(f"{role}_hidden", hidden)
+    _check_floating(f"{role}_weight", weight, min_dim=2)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{role}_weight must have shape [V, {hidden.shape[-1]}] to match {role}_hidden of "
+            f"shape {tuple(hidden.shape)}, got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(
+            f"the vocabulary dim V must be > 0, got {role}_weight {tuple(weight.shape)}"
+        )
+    tensors = [(f"{role}_hidden", hidden), (f"{role}_weight", weight)]
+    if bias is not None:
+        _check_floating(f"{role}_bias", bias)
+        if bias.shape != weight.shape[:1]:
             raise ValueError(
-                f"labels=None leaves the hard cross-entropy undefined: alpha must be 0, got {alpha}"
+                f"{role}_bias must have shape ({weight.shape[0]},) to match {role}_weight of "
+                f"shape {tuple(weight.shape)}, got {tuple(bias.shape)}"
             )
-        return
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must have dtype torch.int64, got {labels.dtype}")
-    if labels.shape != student_logits.shape[:-1]:
-        raise ValueError(
-            f"labels must have shape {tuple(student_logits.shape[:-1])} (the logits' leading "
-            f"dims), got {tuple(labels.shape)}"
+        tensors.append((f"{role}_bias", bias))
+    # torch's matmul takes one dtype: the unfused model would have failed too.
+    if len({x.dtype for _, x in tensors}) > 1:
+        got = ", ".join(f"{name} {x.dtype}" for name, x in tensors)
+        raise TypeError(
+            f"the {role}'s hidden states, weight and bias must share a dtype, got {got}"
         )
-    if labels.device != student_logits.device:
+    return weight.shape[0]
+
+
+def validate_linear_tensors(
+    student_hidden,
+    student_weight,
+    labels,
+    *,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    teacher_logits,
+    alpha,
+) -> None:
+    """Checks the fused-linear loss's inputs (DESIGN.md section 5): shapes,
+    dtypes, devices, and that the teacher comes from exactly one source."""
+    vocab = _check_linear("student", student_hidden, student_weight, student_bias)
+    lead = student_hidden.shape[:-1]
+    hidden_given = teacher_hidden is not None or teacher_weight is not None
+    if hidden_given and teacher_logits is not None:
         raise ValueError(
-            f"labels must be on the logits' device {student_logits.device}, got {labels.device}"
+            "the teacher comes from one source: teacher_hidden + teacher_weight, or "
+            "teacher_logits, not both"
         )
+    if not hidden_given and teacher_logits is None:
+        raise ValueError(
+            "no teacher given: pass teacher_hidden + teacher_weight (+ teacher_bias), "
+            "or teacher_logits"
+        )
+    if hidden_given and (teacher_hidden is None or teacher_weight is None):
+        missing = "teacher_weight" if teacher_weight is None else "teacher_hidden"
+        raise ValueError(f"teacher_hidden and teacher_weight go together: {missing} is missing")
+    if teacher_bias is not None and not hidden_given:
+        raise ValueError(
+            "teacher_bias goes with teacher_hidden + teacher_weight, not teacher_logits"
+        )
+    tensors = [("student_hidden", student_hidden), ("student_weight", student_weight)]
+    if student_bias is not None:
+        tensors.append(("student_bias", student_bias))
+    if hidden_given:
+        teacher_vocab = _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        if teacher_hidden.shape[:-1] != lead:
+            raise ValueError(
+                f"teacher_hidden must have the leading dims {tuple(lead)} of student_hidden "
+                f"{tuple(student_hidden.shape)}, got {tuple(teacher_hidden.shape)}"
+            )
+        if teacher_vocab != vocab:
+            raise ValueError(
+                "student and teacher vocabularies differ: student_weight "
+                f"{tuple(student_weight.shape)} (V = {vocab}), teacher_weight "
+                f"{tuple(teacher_weight.shape)} (V = {teacher_vocab})"
+            )
+        tensors += [("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)]
+        if teacher_bias is not None:
+            tensors.append(("teacher_bias", teacher_bias))
+    else:
+        _check_floating("teacher_logits", teacher_logits)
+        if teacher_logits.shape != (*lead, vocab):
+            raise ValueError(
+                f"teacher_logits must have shape {(*lead, vocab)} (student_hidden's leading dims, "
+                f"V = {vocab} from student_weight), got {tuple(teacher_logits.shape)}"
+            )
+        tensors.append(("teacher_logits", teacher_logits))
+    device = student_hidden.device
+    for name, x in tensors:
+        if x.device != device:
+            raise ValueError(
+                f"every input must be on one device: student_hidden is on {device}, "
+                f"{name} on {x.device}"
+            )
+    _check_labels(labels, lead, device, alpha=alpha, lead_of="hidden states")
+
+
+def validate_linear_options(*, chunk_size, student_softcap, teacher_softcap) -> None:
+    """The fused-linear loss's own options (the others: validate_options)."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+    ):
+        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for name, cap in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        if cap is None:
+            continue
+        c = _check_real(name, cap)
+        if not (math.isfinite(c) and c > 0):
+            raise ValueError(f"{name} must be None or finite and > 0, got {cap!r}")
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:

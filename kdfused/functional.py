@@ -13,7 +13,7 @@ from ._validation import validate_options, validate_tensors
 _warned_fallback = False
 
 
-def _choose_backend(backend: str, device: torch.device) -> str:
+def choose_backend(backend: str, device: torch.device) -> str:
     """Returns "kernel" or "reference" for these tensors (see DESIGN.md section 2)."""
     global _warned_fallback
     if backend == "reference":
@@ -49,6 +49,72 @@ def _choose_backend(backend: str, device: torch.device) -> str:
     return "kernel"
 
 
+def kernel_dtype_check(name: str, x: torch.Tensor) -> None:
+    """The fused kernels' dtypes (the reference takes float64 too)."""
+    if x.dtype not in ops.KERNEL_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; the fused kernels take float32, float16 or "
+            "bfloat16 (use backend='reference' for float64)"
+        )
+
+
+def counted_rows(labels, n: int, ignore_index: int, device) -> torch.Tensor:
+    """The batchmean divisor: the rows that count (at least 1), as a float32
+    tensor (no host sync)."""
+    if labels is None:
+        count = torch.full((), n, dtype=torch.float32, device=device)
+    else:
+        count = (labels != ignore_index).sum().to(torch.float32)
+    return count.clamp(min=1)
+
+
+def combine_and_reduce(hard, soft, alpha: float, reduction: str, denom):
+    """(loss, hard, soft) from the per-row terms: loss_i = alpha hard_i +
+    (1 - alpha) soft_i, each reduced ("none": as they are)."""
+    # A term whose weight is 0 contributes 0, even where it is inf. (Clones:
+    # loss must not be the same tensor as a non-differentiable component.)
+    if alpha == 0:
+        rows = soft.clone()
+    elif alpha == 1:
+        rows = hard.clone()
+    else:
+        rows = alpha * hard + (1 - alpha) * soft
+
+    def reduce(x):
+        if reduction == "none":
+            return x
+        return x.sum() if reduction == "sum" else x.sum() / denom
+
+    return reduce(rows), reduce(hard), reduce(soft)
+
+
+def upstream_is_one(grad_loss: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether backward may hand back the gradient saved by forward as it is.
+
+    The usual loss.backward() passes 1: the saved gradient is the answer and
+    no pass over it is spent. (Autograd may then keep that very buffer as a
+    leaf's .grad; a later backward through a retained graph after .grad was
+    changed in place is refused by autograd's version check, never silently
+    wrong.) On CUDA the test costs one host sync, as Liger-Kernel's does. No
+    data-dependent branch inside a compiled graph or a CUDA graph capture
+    (reading grad_loss there is not allowed): there the answer is False.
+    """
+    if torch.compiler.is_compiling() or (grad.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    return bool(grad_loss == 1)
+
+
+def scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad times the upstream gradient (a scalar, or one value per row of
+    grad), formed in float32 and rounded to grad's dtype once: the scale is
+    shaped [N, 1] or [1, 1] (a 0-d float32 scale would be rounded to a
+    16-bit grad's dtype first)."""
+    scale = grad_loss.reshape(-1, *([1] * (grad.dim() - 1)))
+    if torch.compiler.is_compiling():
+        return (grad * scale).to(grad.dtype)
+    return torch.mul(grad, scale, out=torch.empty_like(grad))
+
+
 class _FusedDistillFunction(torch.autograd.Function):
     """Forward runs the fused kernel, which also writes the student gradient of
     the reduced loss; backward only scales that saved gradient by grad_output."""
@@ -68,12 +134,7 @@ class _FusedDistillFunction(torch.autograd.Function):
         scale_by_t2,
         compute_grad,
     ):
-        # Rows that count: the batchmean divisor, as a tensor (no host sync).
-        if labels is None:
-            count = torch.full((), student.shape[0], dtype=torch.float32, device=student.device)
-        else:
-            count = (labels != ignore_index).sum().to(torch.float32)
-        denom = count.clamp(min=1)
+        denom = counted_rows(labels, student.shape[0], ignore_index, student.device)
         grad_scale = denom.reciprocal() if reduction == "batchmean" else None
         hard, soft, grad = ops.distill_forward(
             student,
@@ -88,21 +149,7 @@ class _FusedDistillFunction(torch.autograd.Function):
             scale_by_t2=scale_by_t2,
             compute_grad=compute_grad,
         )
-        # A term whose weight is 0 contributes 0, even where it is inf. (Clones:
-        # loss must not be the same tensor as a non-differentiable component.)
-        if alpha == 0:
-            rows = soft.clone()
-        elif alpha == 1:
-            rows = hard.clone()
-        else:
-            rows = alpha * hard + (1 - alpha) * soft
-
-        def reduce(x):
-            if reduction == "none":
-                return x
-            return x.sum() if reduction == "sum" else x.sum() / denom
-
-        loss, hard, soft = reduce(rows), reduce(hard), reduce(soft)
+        loss, hard, soft = combine_and_reduce(hard, soft, alpha, reduction, denom)
         ctx.mark_non_differentiable(hard, soft)
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
@@ -112,24 +159,9 @@ class _FusedDistillFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):
         (grad,) = ctx.saved_tensors
         none = (None,) * 10
-        # [N, 1] or [1, 1] float32: the product is formed in float32 and rounded
-        # to the gradient's dtype once (a 0-d scale would be rounded to it first).
-        scale = grad_loss.reshape(-1, 1)
-        # No data-dependent branch inside a compiled graph or a CUDA graph
-        # capture (reading grad_loss there is not allowed).
-        if torch.compiler.is_compiling() or (
-            grad.is_cuda and torch.cuda.is_current_stream_capturing()
-        ):
-            return ((grad * scale).to(grad.dtype),) + none
-        # The usual loss.backward() passes 1: the saved gradient is the answer
-        # and no N x V pass is spent. (Autograd may then keep that very buffer
-        # as a leaf's .grad; a later backward through a retained graph after
-        # .grad was changed in place is refused by autograd's version check,
-        # never silently wrong.) On CUDA the test costs one host sync, as
-        # Liger-Kernel's does; it saves a 4 N V byte pass.
-        if ctx.reduction != "none" and bool(grad_loss == 1):
+        if ctx.reduction != "none" and upstream_is_one(grad_loss, grad):
             return (grad,) + none
-        return (torch.mul(grad, scale, out=torch.empty_like(grad)),) + none
+        return (scaled(grad, grad_loss),) + none
 
 
 def fused_distill_loss(
@@ -196,16 +228,12 @@ def fused_distill_loss(
         ignore_index=int(ignore_index),
         scale_by_t2=scale_by_t2,
     )
-    if _choose_backend(backend, student_logits.device) == "reference":
+    if choose_backend(backend, student_logits.device) == "reference":
         return reference.distill_loss(
             student_logits, teacher_logits, labels, return_components=return_components, **options
         )
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if x.dtype not in ops.KERNEL_DTYPES:
-            raise TypeError(
-                f"{name} has dtype {x.dtype}; the fused kernels take float32, float16 or "
-                "bfloat16 (use backend='reference' for float64)"
-            )
+    kernel_dtype_check("student_logits", student_logits)
+    kernel_dtype_check("teacher_logits", teacher_logits)
 
     vocab = student_logits.shape[-1]
     lead = student_logits.shape[:-1]

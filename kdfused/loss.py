@@ -4,11 +4,61 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import validate_options
+from ._validation import validate_linear_options, validate_options
 from .functional import fused_distill_loss
+from .fused_linear import fused_linear_distill_loss
 
 
-class FusedDistillLoss(torch.nn.Module):
+class _DistillOptions(torch.nn.Module):
+    """Holds the options of DESIGN.md section 2, checked at construction (not
+    at the first training step)."""
+
+    def __init__(
+        self, temperature, alpha, divergence, beta, reduction, ignore_index, scale_by_t2, backend
+    ):
+        super().__init__()
+        validate_options(
+            temperature=temperature,
+            alpha=alpha,
+            divergence=divergence,
+            beta=beta,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            scale_by_t2=scale_by_t2,
+            backend=backend,
+        )
+        self.temperature = temperature
+        self.alpha = alpha
+        self.divergence = divergence
+        self.beta = beta
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.scale_by_t2 = scale_by_t2
+        self.backend = backend
+
+    def options(self) -> dict:
+        return dict(
+            temperature=self.temperature,
+            alpha=self.alpha,
+            divergence=self.divergence,
+            beta=self.beta,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            scale_by_t2=self.scale_by_t2,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        beta = f", beta={self.beta}" if self.divergence == "jsd" else ""
+        return (
+            f"temperature={self.temperature}, alpha={self.alpha}, "
+            f"divergence={self.divergence!r}{beta}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, scale_by_t2={self.scale_by_t2}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class FusedDistillLoss(_DistillOptions):
     r"""Knowledge-distillation loss, fused: hard cross-entropy plus a divergence
     between temperature-softened teacher and student distributions.
 
@@ -45,26 +95,9 @@ class FusedDistillLoss(torch.nn.Module):
         scale_by_t2: bool = True,
         backend: str = "auto",
     ):
-        super().__init__()
-        # Fail at construction, not at the first training step.
-        validate_options(
-            temperature=temperature,
-            alpha=alpha,
-            divergence=divergence,
-            beta=beta,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            scale_by_t2=scale_by_t2,
-            backend=backend,
+        super().__init__(
+            temperature, alpha, divergence, beta, reduction, ignore_index, scale_by_t2, backend
         )
-        self.temperature = temperature
-        self.alpha = alpha
-        self.divergence = divergence
-        self.beta = beta
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.scale_by_t2 = scale_by_t2
-        self.backend = backend
 
     def forward(
         self,
@@ -77,22 +110,93 @@ class FusedDistillLoss(torch.nn.Module):
             student_logits,
             teacher_logits,
             labels,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            divergence=self.divergence,
-            beta=self.beta,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            scale_by_t2=self.scale_by_t2,
-            backend=self.backend,
             return_components=return_components,
+            **self.options(),
+        )
+
+
+class FusedLinearDistillLoss(_DistillOptions):
+    r"""The distillation loss from the last hidden states and the output
+    (lm_head) weights, never holding the [N, V] logits: the logits are formed
+    chunk by chunk, each chunk's loss and gradients computed by the fused
+    kernel, and the gradients of the hidden states, weight and bias formed from
+    them (DESIGN.md section 5).
+
+    The arguments come in the order of Liger-Kernel's ``LigerFusedLinearJSDLoss``::
+
+        loss_fn = kdfused.FusedLinearDistillLoss(temperature=2.0, alpha=0.5)
+        loss = loss_fn(student_hidden, student.lm_head.weight,
+                       teacher_hidden, teacher.lm_head.weight, labels)
+        loss = loss_fn(student_hidden, student.lm_head.weight, None, None, labels,
+                       teacher_logits=teacher_logits)   # a teacher given as logits
+
+    Options as :class:`FusedDistillLoss`, plus ``chunk_size`` (rows per chunk;
+    None: within a 64 MiB budget on the CPU,
+    256 MiB on a GPU) and ``student_softcap`` / ``teacher_softcap``
+    (Gemma-2's final logit softcapping, c tanh(x / c)). See
+    :func:`kdfused.fused_linear_distill_loss`.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 2.0,
+        alpha: float = 0.5,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        reduction: str = "batchmean",
+        ignore_index: int = -100,
+        scale_by_t2: bool = True,
+        backend: str = "auto",
+        chunk_size: int | None = None,
+        student_softcap: float | None = None,
+        teacher_softcap: float | None = None,
+    ):
+        super().__init__(
+            temperature, alpha, divergence, beta, reduction, ignore_index, scale_by_t2, backend
+        )
+        validate_linear_options(
+            chunk_size=chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap
+        )
+        self.chunk_size = chunk_size
+        self.student_softcap = student_softcap
+        self.teacher_softcap = teacher_softcap
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor | None = None,
+        teacher_weight: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+        *,
+        teacher_logits: torch.Tensor | None = None,
+        return_components: bool = False,
+    ):
+        return fused_linear_distill_loss(
+            student_hidden,
+            student_weight,
+            labels,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+            student_bias=student_bias,
+            teacher_logits=teacher_logits,
+            chunk_size=self.chunk_size,
+            student_softcap=self.student_softcap,
+            teacher_softcap=self.teacher_softcap,
+            return_components=return_components,
+            **self.options(),
         )
 
     def extra_repr(self) -> str:
-        beta = f", beta={self.beta}" if self.divergence == "jsd" else ""
-        return (
-            f"temperature={self.temperature}, alpha={self.alpha}, "
-            f"divergence={self.divergence!r}{beta}, reduction={self.reduction!r}, "
-            f"ignore_index={self.ignore_index}, scale_by_t2={self.scale_by_t2}, "
-            f"backend={self.backend!r}"
+        caps = "".join(
+            f", {name}={value}"
+            for name, value in (
+                ("student_softcap", self.student_softcap),
+                ("teacher_softcap", self.teacher_softcap),
+            )
+            if value is not None
         )
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}{caps}"

@@ -1,4 +1,4 @@
-"""Pure-PyTorch definition of the loss (DESIGN.md section 1): the test oracle.
+"""Pure-PyTorch definition of the loss (DESIGN.md sections 1 and 5): the test oracle.
 
 Written for clarity, not speed: it materialises several [N, V] tensors. It
 computes in the inputs' (promoted) dtype, so float64 inputs give the float64
@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from ._types import DistillLossOutput
-from ._validation import check_label_range, validate_options, validate_tensors
+from ._validation import (
+    check_label_range,
+    validate_linear_options,
+    validate_linear_tensors,
+    validate_options,
+    validate_tensors,
+)
 
 
 def _kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -125,3 +131,67 @@ def distill_loss(
     if not return_components:
         return reduce(loss)
     return DistillLossOutput(reduce(loss), reduce(hard).detach(), reduce(soft).detach())
+
+
+def _softcapped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    scale_by_t2: bool = True,
+    chunk_size: int | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    return_components: bool = False,
+):
+    """The fused-linear loss of DESIGN.md section 5, unfused: the whole [N, V]
+    logits materialised as the model would form them (``F.linear`` in the
+    inputs' dtype, then the softcap), then :func:`distill_loss`. chunk_size is
+    checked and otherwise unused (there are no chunks here)."""
+    validate_linear_options(
+        chunk_size=chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap
+    )
+    validate_linear_tensors(
+        student_hidden,
+        student_weight,
+        labels,
+        student_bias=student_bias,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
+        teacher_logits=teacher_logits,
+        alpha=alpha,
+    )
+    s = _softcapped(F.linear(student_hidden, student_weight, student_bias), student_softcap)
+    if teacher_logits is None:
+        with torch.no_grad():
+            t = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+            teacher_logits = _softcapped(t, teacher_softcap)
+    return distill_loss(
+        s,
+        teacher_logits.detach(),
+        labels,
+        temperature=temperature,
+        alpha=alpha,
+        divergence=divergence,
+        beta=beta,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        scale_by_t2=scale_by_t2,
+        return_components=return_components,
+    )

@@ -248,4 +248,10 @@ def test_module_and_components():
     torch.testing.assert_close(out.loss, 0.25 * out.hard_loss + 0.75 * out.soft_loss)
     assert torch.equal(loss_fn(s, t, y), out.loss)
     assert not out.hard_loss.requires_grad and not out.soft_loss.requires_grad
-    assert set(kdfused.__all__) == {"FusedDistillLoss", "fused_distill_loss", "reference"}
+    assert set(kdfused.__all__) == {
+        "FusedDistillLoss",
+        "FusedLinearDistillLoss",
+        "fused_distill_loss",
+        "fused_linear_distill_loss",
+        "reference",
+    }

@@ -138,7 +138,7 @@ def test_backend_device_mismatch():
 @pytest.mark.skipif(ops.has_kernel("cuda"), reason="this build has the CUDA kernel")
 def test_unbuilt_backend_says_how_to_build():
     with pytest.raises(RuntimeError, match=r"backend='cuda' is not built.*pip install"):
-        functional._choose_backend("cuda", torch.device("cuda"))
+        functional.choose_backend("cuda", torch.device("cuda"))
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):

@@ -1,0 +1,435 @@
+"""fused_linear_distill_loss: the loss from hidden states and output weights,
+chunk by chunk, never holding the [N, V] logits (DESIGN.md section 5).
+
+One autograd.Function owns the chunk loop. Per chunk of rows it forms the
+student's logits with torch's own matmul, asks the teacher source for the
+teacher's logits of the same rows, runs the fused kernel (loss rows and the
+logits' gradient in one call), and turns that gradient into the gradients of
+the hidden states, the weight and the bias with two more matmuls and a sum.
+The teacher source is a small object per kind of teacher (hidden states +
+weight, dense logits), so that the loop has no branch per kind.
+
+Memory beyond the inputs and their gradients: one chunk's student logits, the
+kernel's gradient of them and the teacher's logits (none for dense teacher
+logits, which are read in place), plus a float32 weight-gradient accumulator
+when the weight is 16-bit (a float32 weight accumulates into its own gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops, reference
+from ._types import DistillLossOutput
+from ._validation import validate_linear_options, validate_linear_tensors, validate_options
+from .functional import (
+    choose_backend,
+    combine_and_reduce,
+    counted_rows,
+    kernel_dtype_check,
+    scaled,
+    upstream_is_one,
+)
+
+# chunk_size=None: as many rows as keep one chunk's buffers (student logits,
+# their gradient and the teacher's logits, in the inputs' dtypes) within this
+# many bytes, rounded down to a multiple of 8 rows. On the CPU 64 MiB: 168 rows
+# at V = 32000 in float32 with a hidden-states teacher. On a GPU 256 MiB: 344
+# rows at V = 128256 in bfloat16, as a chunk's matmul reads the whole weight
+# and with fewer than a few hundred rows that read, not the arithmetic, would
+# set its time.
+CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
+
+
+def default_chunk_size(n: int, row_bytes: int, device_type: str = "cpu") -> int:
+    """Rows per chunk for N rows whose chunk buffers take row_bytes per row."""
+    budget = CHUNK_BUDGET_BYTES.get(device_type, CHUNK_BUDGET_BYTES["cpu"])
+    rows = budget // max(row_bytes, 1)
+    if rows >= 8:
+        rows -= rows % 8
+    return max(1, min(n, rows))
+
+
+def linear_logits(hidden, weight, bias, softcap, out=None):
+    """softcap(hidden @ weight.T + bias) into `out` (rows x V), as the unfused
+    model forms it: torch's matmul in the inputs' dtype, the cap c tanh(x / c)
+    applied in place."""
+    if bias is None:
+        logits = torch.mm(hidden, weight.t(), out=out)
+    else:
+        logits = torch.addmm(bias, hidden, weight.t(), out=out)
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
+
+
+class _HiddenTeacher:
+    """The teacher's logits formed chunk by chunk from its hidden states and
+    weight (no gradient: the teacher is a constant)."""
+
+    def __init__(self, hidden, weight, bias, softcap):
+        self.hidden, self.weight, self.bias, self.softcap = hidden, weight, bias, softcap
+
+    def row_bytes(self) -> int:
+        return self.weight.shape[0] * self.weight.element_size()
+
+    def buffer(self, rows: int) -> torch.Tensor:
+        return self.weight.new_empty(rows, self.weight.shape[0])
+
+    def logits(self, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        out = buffer[: stop - start]
+        return linear_logits(self.hidden[start:stop], self.weight, self.bias, self.softcap, out)
+
+
+class _LogitsTeacher:
+    """Dense teacher logits [N, V], read in place chunk by chunk."""
+
+    def __init__(self, logits):
+        self.logits2d = logits
+
+    def row_bytes(self) -> int:
+        return 0
+
+    def buffer(self, rows: int) -> None:
+        return None
+
+    def logits(self, start: int, stop: int, buffer) -> torch.Tensor:
+        return self.logits2d[start:stop]
+
+
+def _teacher_source(t_hidden, t_weight, t_bias, t_logits, t_cap):
+    if t_logits is not None:
+        return _LogitsTeacher(t_logits)
+    return _HiddenTeacher(t_hidden, t_weight, t_bias, t_cap)
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc float32. For 16-bit a and b the product is torch's
+    16-bit matmul (float32 accumulation inside, one rounding of the chunk's
+    product), added in float32 (CPU matmuls have no float32 output for them)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(torch.mm(a, b))
+
+
+def _chunk_pass(
+    s_hidden,
+    s_weight,
+    s_bias,
+    s_cap,
+    labels,
+    teacher,
+    kernel_options,
+    chunk,
+    grad_scale,
+    row_weights,
+    need,
+):
+    """The chunk loop: per-row hard and soft terms [N] (float32) and the
+    gradients named by need = (hidden, weight, bias) (else None).
+
+    grad_scale (0-d float32 or None) multiplies every row's gradient inside
+    the kernel; row_weights ([N] float32 or None) each row's, after it."""
+    n, vocab = s_hidden.shape[0], s_weight.shape[0]
+    need_hidden, need_weight, need_bias = need
+    compute_grad = need_hidden or need_weight or need_bias
+    hard = s_hidden.new_empty(n, dtype=torch.float32)
+    soft = s_hidden.new_empty(n, dtype=torch.float32)
+    rows = min(chunk, n)
+    s_buffer = s_hidden.new_empty(rows, vocab)
+    t_buffer = teacher.buffer(rows)
+    grad_hidden = torch.empty_like(s_hidden) if need_hidden else None
+    # float32 accumulators; a float32 weight accumulates into its own gradient.
+    grad_weight = s_weight.new_zeros(s_weight.shape, dtype=torch.float32) if need_weight else None
+    grad_bias = s_weight.new_zeros(vocab, dtype=torch.float32) if need_bias else None
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        h = s_hidden[start:stop]
+        s = linear_logits(h, s_weight, s_bias, s_cap, s_buffer[: stop - start])
+        t = teacher.logits(start, stop, t_buffer)
+        y = None if labels is None else labels[start:stop]
+        hard_rows, soft_rows, g = ops.distill_forward(
+            s, t, y, grad_scale, **kernel_options, compute_grad=compute_grad
+        )
+        hard[start:stop] = hard_rows
+        soft[start:stop] = soft_rows
+        if not compute_grad:
+            continue
+        if row_weights is not None:
+            g.mul_(row_weights[start:stop, None])
+        if s_cap is not None:
+            # d/dx c tanh(x / c) = 1 - tanh^2 = 1 - (s / c)^2, from the capped
+            # logits themselves (their buffer is free once the kernel has run).
+            g.mul_(s.div_(s_cap).square_().neg_().add_(1))
+        if grad_hidden is not None:
+            torch.mm(g, s_weight, out=grad_hidden[start:stop])
+        if grad_weight is not None:
+            _add_product(grad_weight, g.t(), h)
+        if grad_bias is not None:
+            grad_bias.add_(g.sum(0, dtype=torch.float32))
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(s_weight.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(s_bias.dtype)
+    return hard, soft, (grad_hidden, grad_weight, grad_bias)
+
+
+class _FusedLinearDistillFunction(torch.autograd.Function):
+    """Forward runs the chunk loop, which also forms the gradients of the
+    reduced loss; backward only scales them by grad_output. With
+    reduction="none" the per-row upstream gradient cannot be folded into a
+    weight gradient formed in advance, so backward runs the loop again."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        s_hidden,
+        s_weight,
+        s_bias,
+        labels,
+        t_hidden,
+        t_weight,
+        t_bias,
+        t_logits,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        reduction,
+        ignore_index,
+        scale_by_t2,
+        s_cap,
+        t_cap,
+        chunk_size,
+        need_hidden,
+        need_weight,
+        need_bias,
+    ):
+        teacher = _teacher_source(t_hidden, t_weight, t_bias, t_logits, t_cap)
+        n = s_hidden.shape[0]
+        if chunk_size is None:
+            row_bytes = s_weight.shape[0] * 2 * s_weight.element_size() + teacher.row_bytes()
+            chunk_size = default_chunk_size(n, row_bytes, s_hidden.device.type)
+        kernel_options = dict(
+            temperature=temperature,
+            alpha=alpha,
+            divergence=divergence,
+            beta=beta,
+            ignore_index=ignore_index,
+            scale_by_t2=scale_by_t2,
+        )
+        need = (need_hidden, need_weight, need_bias)
+        denom = counted_rows(labels, n, ignore_index, s_hidden.device)
+        grad_scale = denom.reciprocal() if reduction == "batchmean" else None
+        in_forward = need if reduction != "none" else (False, False, False)
+        hard, soft, grads = _chunk_pass(
+            s_hidden,
+            s_weight,
+            s_bias,
+            s_cap,
+            labels,
+            teacher,
+            kernel_options,
+            chunk_size,
+            grad_scale,
+            None,
+            in_forward,
+        )
+        loss, hard, soft = combine_and_reduce(hard, soft, alpha, reduction, denom)
+        ctx.mark_non_differentiable(hard, soft)
+        ctx.reduction = reduction
+        if reduction == "none":
+            ctx.save_for_backward(
+                s_hidden, s_weight, s_bias, labels, t_hidden, t_weight, t_bias, t_logits
+            )
+            ctx.recompute = (s_cap, t_cap, kernel_options, chunk_size, need)
+        else:
+            ctx.save_for_backward(*grads)
+        return loss, hard, soft
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_hard, _grad_soft):
+        none = (None,) * 18
+        if ctx.reduction == "none":
+            s_hidden, s_weight, s_bias, labels, t_hidden, t_weight, t_bias, t_logits = (
+                ctx.saved_tensors
+            )
+            s_cap, t_cap, kernel_options, chunk_size, need = ctx.recompute
+            teacher = _teacher_source(t_hidden, t_weight, t_bias, t_logits, t_cap)
+            _, _, grads = _chunk_pass(
+                s_hidden,
+                s_weight,
+                s_bias,
+                s_cap,
+                labels,
+                teacher,
+                kernel_options,
+                chunk_size,
+                None,
+                grad_loss.to(torch.float32),
+                need,
+            )
+            return grads + none
+        grads = ctx.saved_tensors
+        present = [g for g in grads if g is not None]
+        if present and upstream_is_one(grad_loss, present[0]):
+            return tuple(grads) + none
+        return tuple(None if g is None else scaled(g, grad_loss) for g in grads) + none
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    scale_by_t2: bool = True,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    return_components: bool = False,
+):
+    r"""The distillation loss of :func:`kdfused.fused_distill_loss` with the
+    logits formed from hidden states, chunk by chunk (never all N x V at once).
+
+    The student's logits are ``softcap(student_hidden @ student_weight.T +
+    student_bias)`` (``softcap(x) = c tanh(x / c)`` with ``c =
+    student_softcap``, the identity when None), the teacher's likewise from
+    ``teacher_hidden`` / ``teacher_weight`` / ``teacher_bias`` /
+    ``teacher_softcap``, or given whole as ``teacher_logits``: exactly one of
+    the two sources.
+
+    Args:
+        student_hidden: ``[..., Hs]`` float32/float16/bfloat16; gets a gradient.
+        student_weight: ``[V, Hs]`` (an ``nn.Linear`` lm_head's ``.weight``),
+            same dtype; gets a gradient, accumulated over the chunks in float32
+            and rounded to its dtype once. ``student_bias`` ``[V]`` likewise.
+        labels: int64 ``[...]`` (the hidden states' leading dims), or None.
+        teacher_hidden, teacher_weight, teacher_bias: ``[..., Ht]``, ``[V, Ht]``,
+            ``[V]``; treated as constants.
+        teacher_logits: ``[..., V]``, instead of the teacher's hidden states.
+        chunk_size: rows per chunk; None picks it so that one chunk's buffers
+            take at most 64 MiB on the CPU, 256 MiB on a GPU
+            (:data:`CHUNK_BUDGET_BYTES`). The result does not depend on it
+            beyond rounding.
+        The other options are :func:`kdfused.fused_distill_loss`'s.
+
+    Returns:
+        The float32 loss, or a :class:`DistillLossOutput`. The gradients are
+        formed in the forward call; backward scales them (with
+        ``reduction="none"`` it runs the chunk loop again, with the per-row
+        upstream gradient).
+    """
+    validate_options(
+        temperature=temperature,
+        alpha=alpha,
+        divergence=divergence,
+        beta=beta,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        scale_by_t2=scale_by_t2,
+        backend=backend,
+    )
+    validate_linear_options(
+        chunk_size=chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap
+    )
+    validate_linear_tensors(
+        student_hidden,
+        student_weight,
+        labels,
+        student_bias=student_bias,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
+        teacher_logits=teacher_logits,
+        alpha=alpha,
+    )
+    options = dict(
+        temperature=float(temperature),
+        alpha=float(alpha),
+        divergence=divergence,
+        beta=float(beta),
+        reduction=reduction,
+        ignore_index=int(ignore_index),
+        scale_by_t2=scale_by_t2,
+    )
+    caps = dict(
+        student_softcap=None if student_softcap is None else float(student_softcap),
+        teacher_softcap=None if teacher_softcap is None else float(teacher_softcap),
+    )
+    if choose_backend(backend, student_hidden.device) == "reference":
+        return reference.fused_linear_distill_loss(
+            student_hidden,
+            student_weight,
+            labels,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+            student_bias=student_bias,
+            teacher_logits=teacher_logits,
+            return_components=return_components,
+            **options,
+            **caps,
+        )
+    kernel_dtype_check("student_hidden", student_hidden)
+    kernel_dtype_check(
+        *(
+            ("teacher_logits", teacher_logits)
+            if teacher_logits is not None
+            else ("teacher_hidden", teacher_hidden)
+        )
+    )
+
+    hs = student_hidden.shape[-1]
+    lead = student_hidden.shape[:-1]
+    s_hidden = student_hidden.reshape(-1, hs)
+    t_hidden = (
+        None
+        if teacher_hidden is None
+        else teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    )
+    t_logits = (
+        None
+        if teacher_logits is None
+        else teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    )
+    detach = lambda x: None if x is None else x.detach()  # noqa: E731
+    flat_labels = None if labels is None else labels.reshape(-1)
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and student_hidden.requires_grad,
+        grad_on and student_weight.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad,
+    )
+    loss, hard, soft = _FusedLinearDistillFunction.apply(
+        s_hidden,
+        student_weight,
+        student_bias,
+        flat_labels,
+        t_hidden,
+        detach(teacher_weight),
+        detach(teacher_bias),
+        t_logits,
+        *options.values(),
+        caps["student_softcap"],
+        caps["teacher_softcap"],
+        chunk_size,
+        *needs,
+    )
+    if reduction == "none":
+        loss, hard, soft = loss.reshape(lead), hard.reshape(lead), soft.reshape(lead)
+    if return_components:
+        return DistillLossOutput(loss, hard, soft)
+    return loss
