@@ -154,12 +154,15 @@ def make_step(loss_fn, inputs, mode):
     return prepare, {"forward": forward, "backward": backward, "full": full}[mode]
 
 
-def bench_cases(cases, inputs, device, warmup, reps, interleave=False):
+def bench_cases(cases, inputs, device, warmup, reps, interleave=False, step=None):
     """[(median seconds, peak bytes of one full step)] for each (loss_fn, mode)
     case. interleave: the cases take turns run by run instead of one after the
     other, so that a slow spell of the machine falls on all of them alike (for
-    ratios between them on a noisy machine)."""
-    steps = [make_step(loss_fn, inputs, mode) for loss_fn, mode in cases]
+    ratios between them on a noisy machine). step: what makes a case's
+    (prepare, timed) pair (default make_step; the fused-linear benchmark has
+    its own)."""
+    make_step_ = step or make_step
+    steps = [make_step_(loss_fn, inputs, mode) for loss_fn, mode in cases]
     timer = Timer(device)
     times = [[] for _ in steps]
     runs = [(i, k) for i in range(warmup + reps) for k in range(len(steps))]
@@ -173,7 +176,7 @@ def bench_cases(cases, inputs, device, warmup, reps, interleave=False):
             times[k].append(elapsed)
     results = []
     for (loss_fn, _), t in zip(cases, times, strict=True):
-        prepare_full, full = make_step(loss_fn, inputs, "full")
+        prepare_full, full = make_step_(loss_fn, inputs, "full")
         prepare_full()
         results.append((statistics.median(t), PeakMemory(device)(full)))
     return results

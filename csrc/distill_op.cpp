@@ -118,10 +118,21 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
   return prob;
 }
 
-DistillResult allocate_outputs(const DistillProblem& prob, bool compute_grad) {
+DistillResult allocate_outputs(const DistillProblem& prob, bool compute_grad,
+                               const at::Tensor* grad_out) {
   const auto rows = prob.student.options().dtype(at::kFloat);
   at::Tensor hard = at::empty({prob.n}, rows);
   at::Tensor soft = at::empty({prob.n}, rows);
+  if (grad_out != nullptr) {
+    const at::Tensor& g = *grad_out;
+    TORCH_CHECK_VALUE(
+        g.dim() == 2 && g.size(0) == prob.n && g.size(1) == prob.v && g.is_contiguous() &&
+            g.scalar_type() == prob.student.scalar_type() && g.device() == prob.student.device(),
+        "kdfused: grad must be a contiguous [N, V] = ", text(prob.student.sizes()),
+        " tensor of the student's dtype and device (", c10::toString(prob.student.scalar_type()),
+        ", ", prob.student.device().str(), "), got ", text(g));
+    return {hard, soft, g};
+  }
   at::Tensor grad = compute_grad ? at::empty({prob.n, prob.v}, prob.student.options())
                                  : at::empty({0}, prob.student.options());
   return {hard, soft, grad};

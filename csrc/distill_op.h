@@ -26,12 +26,19 @@ std::string text(double x);
 std::string text(at::IntArrayRef shape);
 std::string text(const at::Tensor& t);  // "shape [2, 3], dtype Float, device cpu"
 
-// The op's schema; registration.cpp defines it under the kdfused namespace.
-// Returns (hard_rows, soft_rows, grad): see the kernels' contract below.
+// The ops' schemas; registration.cpp defines them under the kdfused namespace.
+// distill_forward returns (hard_rows, soft_rows, grad): see the kernels'
+// contract below. distill_forward_out writes the gradient into `grad` (an
+// [N, V] contiguous buffer of the student's dtype, e.g. one reused chunk after
+// chunk by the fused-linear loss) and returns (hard_rows, soft_rows).
 constexpr const char* kDistillForwardSchema =
     "distill_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? grad_scale, "
     "float temperature, float alpha, str divergence, float beta, int ignore_index, "
     "bool scale_by_t2, bool compute_grad) -> (Tensor, Tensor, Tensor)";
+constexpr const char* kDistillForwardOutSchema =
+    "distill_forward_out(Tensor student, Tensor teacher, Tensor? labels, Tensor? grad_scale, "
+    "float temperature, float alpha, str divergence, float beta, int ignore_index, "
+    "bool scale_by_t2, Tensor(a!) grad) -> (Tensor, Tensor)";
 
 // A validated problem: [N, V] logits whose last dim is contiguous (row stride
 // free), [N] contiguous int64 labels, and the folded options.
@@ -59,7 +66,10 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
 // [0] when compute_grad is false: no N x V buffer is allocated then).
 using DistillResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-DistillResult allocate_outputs(const DistillProblem& prob, bool compute_grad);
+// The outputs; the gradient is grad_out when given (checked: [N, V],
+// contiguous, the student's dtype and device), else a new buffer.
+DistillResult allocate_outputs(const DistillProblem& prob, bool compute_grad,
+                               const at::Tensor* grad_out = nullptr);
 
 // The logits dtypes the kernels are built for (float64 goes to the reference).
 #define KDFUSED_DISPATCH_LOGITS(TYPE, NAME, ...)                                 \
@@ -71,22 +81,32 @@ DistillResult allocate_outputs(const DistillProblem& prob, bool compute_grad);
 // and, when compute_grad, grad[i] = grad_scale * d loss_i / d s_i, where
 // grad_scale is the optional 0-d float32 tensor (1 when absent; 1 / counted rows
 // for "batchmean", so that backward has nothing left to do when grad_output = 1).
+// grad_out: where to write the gradient (see allocate_outputs), or nullptr.
+#define KDFUSED_KERNEL_ARGS                                                                     \
+  const at::Tensor &student, const at::Tensor &teacher, const std::optional<at::Tensor>&labels, \
+      const std::optional<at::Tensor>&grad_scale, double temperature, double alpha,             \
+      c10::string_view divergence, double beta, int64_t ignore_index, bool scale_by_t2
 
-DistillResult distill_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                  const std::optional<at::Tensor>& labels,
-                                  const std::optional<at::Tensor>& grad_scale, double temperature,
-                                  double alpha, c10::string_view divergence, double beta,
-                                  int64_t ignore_index, bool scale_by_t2, bool compute_grad);
+DistillResult distill_cpu(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out);
+DistillResult distill_cuda(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out);
+
+// The two ops over one device's kernel (registration.cpp, tests/emulator/).
+template <DistillResult (*Kernel)(KDFUSED_KERNEL_ARGS, bool, const at::Tensor*)>
+DistillResult distill_forward_op(KDFUSED_KERNEL_ARGS, bool compute_grad) {
+  return Kernel(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
+                ignore_index, scale_by_t2, compute_grad, nullptr);
+}
+
+template <DistillResult (*Kernel)(KDFUSED_KERNEL_ARGS, bool, const at::Tensor*)>
+std::tuple<at::Tensor, at::Tensor> distill_forward_out_op(KDFUSED_KERNEL_ARGS, at::Tensor& grad) {
+  auto result = Kernel(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
+                       ignore_index, scale_by_t2, true, &grad);
+  return {std::get<0>(result), std::get<1>(result)};
+}
 
 // The CPU kernel's instruction set for this process: "avx2" (AVX2 + FMA, when
 // the CPU has both) or "default" (baseline x86-64; forced by
 // KDFUSED_CPU_CAPABILITY=default).
 std::string cpu_capability();
-
-DistillResult distill_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                   const std::optional<at::Tensor>& labels,
-                                   const std::optional<at::Tensor>& grad_scale, double temperature,
-                                   double alpha, c10::string_view divergence, double beta,
-                                   int64_t ignore_index, bool scale_by_t2, bool compute_grad);
 
 }  // namespace kdfused

@@ -15,12 +15,19 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(kdfused, m) {
   m.def(kdfused::kDistillForwardSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kDistillForwardOutSchema, {at::Tag::pt2_compliant_tag});
   // Which instruction set the CPU kernel uses in this process.
   m.def("cpu_capability() -> str", &kdfused::cpu_capability);
 }
 
-TORCH_LIBRARY_IMPL(kdfused, CPU, m) { m.impl("distill_forward", &kdfused::distill_forward_cpu); }
+TORCH_LIBRARY_IMPL(kdfused, CPU, m) {
+  m.impl("distill_forward", &kdfused::distill_forward_op<kdfused::distill_cpu>);
+  m.impl("distill_forward_out", &kdfused::distill_forward_out_op<kdfused::distill_cpu>);
+}
 
 #ifdef KDFUSED_WITH_CUDA  // defined by setup.py when it compiles csrc/cuda/
-TORCH_LIBRARY_IMPL(kdfused, CUDA, m) { m.impl("distill_forward", &kdfused::distill_forward_cuda); }
+TORCH_LIBRARY_IMPL(kdfused, CUDA, m) {
+  m.impl("distill_forward", &kdfused::distill_forward_op<kdfused::distill_cuda>);
+  m.impl("distill_forward_out", &kdfused::distill_forward_out_op<kdfused::distill_cuda>);
+}
 #endif

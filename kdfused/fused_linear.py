@@ -11,8 +11,10 @@ weight, dense logits), so that the loop has no branch per kind.
 
 Memory beyond the inputs and their gradients: one chunk's student logits, the
 kernel's gradient of them and the teacher's logits (none for dense teacher
-logits, which are read in place), plus a float32 weight-gradient accumulator
-when the weight is 16-bit (a float32 weight accumulates into its own gradient).
+logits, which are read in place), each a buffer reused by every chunk (the
+kernel writes into the gradient's: distill_forward_out), plus a float32
+weight-gradient accumulator when the weight is 16-bit (a float32 weight
+accumulates into its own gradient).
 """
 
 from __future__ import annotations
@@ -134,10 +136,12 @@ def _chunk_pass(
     n, vocab = s_hidden.shape[0], s_weight.shape[0]
     need_hidden, need_weight, need_bias = need
     compute_grad = need_hidden or need_weight or need_bias
+    compiling = torch.compiler.is_compiling()
     hard = s_hidden.new_empty(n, dtype=torch.float32)
     soft = s_hidden.new_empty(n, dtype=torch.float32)
     rows = min(chunk, n)
     s_buffer = s_hidden.new_empty(rows, vocab)
+    g_buffer = s_hidden.new_empty(rows, vocab) if compute_grad and not compiling else None
     t_buffer = teacher.buffer(rows)
     grad_hidden = torch.empty_like(s_hidden) if need_hidden else None
     # float32 accumulators; a float32 weight accumulates into its own gradient.
@@ -149,13 +153,23 @@ def _chunk_pass(
         s = linear_logits(h, s_weight, s_bias, s_cap, s_buffer[: stop - start])
         t = teacher.logits(start, stop, t_buffer)
         y = None if labels is None else labels[start:stop]
-        hard_rows, soft_rows, g = ops.distill_forward(
-            s, t, y, grad_scale, **kernel_options, compute_grad=compute_grad
-        )
-        hard[start:stop] = hard_rows
-        soft[start:stop] = soft_rows
         if not compute_grad:
+            hard[start:stop], soft[start:stop], _ = ops.distill_forward(
+                s, t, y, grad_scale, **kernel_options, compute_grad=False
+            )
             continue
+        if compiling:
+            # Traced, the op that writes into the reused buffer gave wrong
+            # weight gradients (torch 2.13.0: test_compile_fullgraph); a
+            # compiled graph plans its own buffers anyway.
+            hard[start:stop], soft[start:stop], g = ops.distill_forward(
+                s, t, y, grad_scale, **kernel_options, compute_grad=True
+            )
+        else:
+            g = g_buffer[: stop - start]
+            hard[start:stop], soft[start:stop] = ops.distill_forward_out(
+                s, t, y, grad_scale, g, **kernel_options
+            )
         if row_weights is not None:
             g.mul_(row_weights[start:stop, None])
         if s_cap is not None:

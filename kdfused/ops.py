@@ -69,6 +69,38 @@ def distill_forward(
     )
 
 
+def distill_forward_out(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_scale: torch.Tensor | None,
+    grad: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    scale_by_t2: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """distill_forward with the gradient written into `grad` (a contiguous
+    [N, V] tensor of the student's dtype, e.g. a buffer reused chunk after
+    chunk); returns ``(hard_rows, soft_rows)``."""
+    return torch.ops.kdfused.distill_forward_out.default(
+        student,
+        teacher,
+        labels,
+        grad_scale,
+        float(temperature),
+        float(alpha),
+        divergence,
+        float(beta),
+        int(ignore_index),
+        bool(scale_by_t2),
+        grad,
+    )
+
+
 if LOAD_ERROR is None:
 
     @torch.library.register_fake("kdfused::distill_forward")
@@ -90,3 +122,22 @@ if LOAD_ERROR is None:
         soft = student.new_empty((n,), dtype=torch.float32)
         grad = student.new_empty((n, v) if compute_grad else (0,))
         return hard, soft, grad
+
+    @torch.library.register_fake("kdfused::distill_forward_out")
+    def _distill_forward_out_fake(
+        student,
+        teacher,
+        labels,
+        grad_scale,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
+        scale_by_t2,
+        grad,
+    ):
+        n = student.shape[0]
+        return student.new_empty((n,), dtype=torch.float32), student.new_empty(
+            (n,), dtype=torch.float32
+        )

@@ -270,3 +270,27 @@ def test_row_split_bad_setting(emulated, monkeypatch, value):
     s = make_logits((2, 64), seed=119)
     with pytest.raises(ValueError, match="KDFUSED_CUDA_SPLIT must be an integer from 1 to 16"):
         kdfused.fused_distill_loss(s, s.clone(), torch.tensor([1, 2]))
+
+
+def test_out_variant_and_fused_linear(monkeypatch):
+    """The CUDA kernel writing into a caller's buffer (distill_forward_out),
+    through the fused-linear loss's chunk loop: row slices of the teacher's
+    logits, a reused gradient buffer, against the float64 reference."""
+    from test_fused_linear import check_linear_against_oracle, make_problem
+
+    op = _emulated_op()
+    out_op = torch.ops.kdfused_emulated.distill_forward_out.default
+    order = ORDER[:-1]
+    monkeypatch.setattr(
+        ops, "distill_forward", lambda s, t, y, c, **o: op(s, t, y, c, *(o[k] for k in ORDER))
+    )
+    monkeypatch.setattr(
+        ops,
+        "distill_forward_out",
+        lambda s, t, y, c, g, **o: out_op(s, t, y, c, *(o[k] for k in order), g),
+    )
+    for source in ("hidden", "logits"):
+        student, teacher, labels = make_problem(source=source, student_bias=True, seed=7)
+        check_linear_against_oracle(
+            student, teacher, labels, divergence="jsd", chunk_size=16, student_softcap=5.0
+        )

@@ -232,21 +232,23 @@ def test_default_chunk_size_follows_the_budget():
 
 @pytest.mark.parametrize("chunk", [16, None])
 def test_chunks_never_exceed_chunk_size(monkeypatch, chunk):
-    """The kernel only ever sees one chunk of rows: no N x V logits exist."""
+    """The kernel only ever sees one chunk of rows (no N x V logits exist), and
+    writes every chunk's gradient into one reused buffer."""
     seen = []
-    real = ops.distill_forward
+    real = ops.distill_forward_out
 
-    def spy(s, t, *args, **kwargs):
-        seen.append((tuple(s.shape), tuple(t.shape)))
-        return real(s, t, *args, **kwargs)
+    def spy(s, t, y, scale, grad, **kwargs):
+        seen.append((tuple(s.shape), tuple(t.shape), tuple(grad.shape), grad.data_ptr()))
+        return real(s, t, y, scale, grad, **kwargs)
 
-    monkeypatch.setattr(ops, "distill_forward", spy)
+    monkeypatch.setattr(ops, "distill_forward_out", spy)
     # A budget of 20 rows (student logits, gradient, teacher logits): 16 rows.
     monkeypatch.setattr(fused_linear, "CHUNK_BUDGET_BYTES", {"cpu": 20 * VOCAB * 12})
     student, teacher, labels = make_problem()
     run(kdfused.fused_linear_distill_loss, student, teacher, labels, chunk_size=chunk)
-    assert [s[0] for s, _ in seen] == [16, 16, 16, 16, 10]
-    assert all(s == t == (s[0], VOCAB) for s, t in seen)
+    assert [s[0] for s, *_ in seen] == [16, 16, 16, 16, 10]
+    assert all(s == t == g == (s[0], VOCAB) for s, t, g, _ in seen)
+    assert len({ptr for *_, ptr in seen}) == 1
 
 
 def test_gradients_reach_lm_head_and_earlier_layers():
@@ -286,30 +288,31 @@ def test_gradients_reach_lm_head_and_earlier_layers():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_grad_computes_loss_only(device, monkeypatch):
-    seen = []
-    real = ops.distill_forward
+    """No gradient wanted: the kernel is asked for the loss alone. Else only
+    what requires a gradient gets one."""
+    calls = []
+    for name in ("distill_forward", "distill_forward_out"):
+        real = getattr(ops, name)
 
-    def spy(*args, **kwargs):
-        result = real(*args, **kwargs)
-        seen.append((kwargs["compute_grad"], result[2].numel()))
-        return result
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, kwargs.get("compute_grad")))
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "distill_forward", spy)
+        monkeypatch.setattr(ops, name, spy)
     student, teacher, labels = make_problem(device)
     leaves = {k: v.requires_grad_() for k, v in student.items() if v is not None}
     with torch.no_grad():
         loss = kdfused.fused_linear_distill_loss(**leaves, labels=labels, **teacher, chunk_size=40)
     assert not loss.requires_grad
-    assert seen == [(False, 0), (False, 0)]
-    # Only what needs a gradient gets one (here the weight, not the hidden states).
-    seen.clear()
+    assert calls == [("distill_forward", False)] * 2
+    calls.clear()
     hidden = leaves["student_hidden"].detach()
     loss = kdfused.fused_linear_distill_loss(
         hidden, leaves["student_weight"], labels, **teacher, chunk_size=40
     )
     loss.backward()
     assert hidden.grad is None and leaves["student_weight"].grad is not None
-    assert [c for c, _ in seen] == [True, True]
+    assert calls == [("distill_forward_out", None)] * 2
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -199,3 +199,33 @@ def test_baseline_path_has_no_avx():
         )
     if avx2:  # and the AVX2 ones really are vectorised with AVX
         assert any("%ymm" in body for body in avx2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_out_variant(device, dtype):
+    """distill_forward_out writes the gradient distill_forward returns into the
+    caller's buffer, bit for bit, and passes opcheck (it mutates that buffer)."""
+    s, t, y, scale, *opts = _op_args(device, dtype=dtype)
+    hard, soft, grad = torch.ops.kdfused.distill_forward.default(s, t, y, scale, *opts)
+    buffer = torch.full_like(s, float("nan"))
+    got = torch.ops.kdfused.distill_forward_out.default(s, t, y, scale, *opts[:-1], buffer)
+    assert torch.equal(got[0], hard) and torch.equal(got[1], soft)
+    assert torch.equal(buffer, grad)
+    torch.library.opcheck(
+        torch.ops.kdfused.distill_forward_out.default, (s, t, y, scale, *opts[:-1], buffer)
+    )
+
+
+@pytest.mark.parametrize(
+    "bad", ["shape", "dtype", "strided"], ids=["shape", "dtype", "non-contiguous"]
+)
+def test_out_variant_checks_its_buffer(bad):
+    s, t, y, scale, *opts = _op_args("cpu")
+    buffer = {
+        "shape": torch.empty(6, 36),
+        "dtype": torch.empty(6, 37, dtype=torch.bfloat16),
+        "strided": torch.empty(37, 6).t(),
+    }[bad]
+    with pytest.raises(ValueError, match=r"grad must be a contiguous \[N, V\] = \[6, 37\] tensor"):
+        torch.ops.kdfused.distill_forward_out.default(s, t, y, scale, *opts[:-1], buffer)

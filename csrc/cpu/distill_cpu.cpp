@@ -526,19 +526,16 @@ std::string cpu_capability() {
 #endif
 }
 
-DistillResult distill_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                  const std::optional<at::Tensor>& labels,
-                                  const std::optional<at::Tensor>& grad_scale, double temperature,
-                                  double alpha, c10::string_view divergence, double beta,
-                                  int64_t ignore_index, bool scale_by_t2, bool compute_grad) {
+DistillResult distill_cpu(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out) {
   const DistillProblem prob =
       prepare_problem(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
                       ignore_index, scale_by_t2, c10::DeviceType::CPU);
   if (prob.labels) {
     check_label_range(prob.labels->const_data_ptr<int64_t>(), prob.n, prob.v, ignore_index);
   }
-  auto [hard, soft, grad] = allocate_outputs(prob, compute_grad);
-  if (compute_grad) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  auto [hard, soft, grad] = allocate_outputs(prob, compute_grad, grad_out);
+  // A buffer of the caller's is written before: its pages are there already.
+  if (compute_grad && grad_out == nullptr) advise_huge_pages(grad.data_ptr(), grad.nbytes());
   const float scale = grad_scale ? grad_scale->item<float>() : 1.f;
   const bool avx2 = cpu_capability() == "avx2";
 

@@ -118,18 +118,14 @@ void launch(const DistillProblem& prob, const std::optional<at::Tensor>& grad_sc
 
 }  // namespace
 
-DistillResult distill_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                   const std::optional<at::Tensor>& labels,
-                                   const std::optional<at::Tensor>& grad_scale, double temperature,
-                                   double alpha, c10::string_view divergence, double beta,
-                                   int64_t ignore_index, bool scale_by_t2, bool compute_grad) {
+DistillResult distill_cuda(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out) {
   const DistillProblem prob =
       prepare_problem(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
                       ignore_index, scale_by_t2, c10::DeviceType::CUDA);
   TORCH_CHECK_VALUE(prob.n <= std::numeric_limits<int32_t>::max(),
                     "kdfused: at most 2^31 - 1 rows per call, got N = ", text(prob.n));
   const c10::cuda::CUDAGuard guard(student.device());
-  auto [hard, soft, grad] = allocate_outputs(prob, compute_grad);
+  auto [hard, soft, grad] = allocate_outputs(prob, compute_grad, grad_out);
   if (prob.n == 0) return {hard, soft, grad};
 
   KDFUSED_DISPATCH_LOGITS(prob.student.scalar_type(), "kdfused_distill_cuda", [&] {

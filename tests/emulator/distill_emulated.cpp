@@ -14,16 +14,11 @@
 namespace kdfused {
 namespace {
 
-DistillResult distill_forward_emulated(const at::Tensor& student, const at::Tensor& teacher,
-                                       const std::optional<at::Tensor>& labels,
-                                       const std::optional<at::Tensor>& grad_scale,
-                                       double temperature, double alpha,
-                                       c10::string_view divergence, double beta,
-                                       int64_t ignore_index, bool scale_by_t2, bool compute_grad) {
+DistillResult distill_emulated(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out) {
   const DistillProblem prob =
       prepare_problem(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
                       ignore_index, scale_by_t2, c10::DeviceType::CPU);
-  auto [hard, soft, grad] = allocate_outputs(prob, compute_grad);
+  auto [hard, soft, grad] = allocate_outputs(prob, compute_grad, grad_out);
   if (prob.n == 0) return {hard, soft, grad};
   emu::failed_asserts = 0;
   KDFUSED_DISPATCH_LOGITS(prob.student.scalar_type(), "kdfused_emulated", [&] {
@@ -55,8 +50,12 @@ DistillResult distill_forward_emulated(const at::Tensor& student, const at::Tens
 }  // namespace
 }  // namespace kdfused
 
-TORCH_LIBRARY(kdfused_emulated, m) { m.def(kdfused::kDistillForwardSchema); }
+TORCH_LIBRARY(kdfused_emulated, m) {
+  m.def(kdfused::kDistillForwardSchema);
+  m.def(kdfused::kDistillForwardOutSchema);
+}
 
 TORCH_LIBRARY_IMPL(kdfused_emulated, CPU, m) {
-  m.impl("distill_forward", &kdfused::distill_forward_emulated);
+  m.impl("distill_forward", &kdfused::distill_forward_op<kdfused::distill_emulated>);
+  m.impl("distill_forward_out", &kdfused::distill_forward_out_op<kdfused::distill_emulated>);
 }
