@@ -6,7 +6,10 @@ the step definitions of the CLI (benchmarks/run.py), timed by pytest-benchmark.
         bash scripts/kdfused.sh bench --benchmark-json out.json
 
 Defaults: on CPU float32 at 512 x 32000 and 128 x 128256, on CUDA bfloat16 at
-8192 x 128256 and 4096 x 32000 (KDFUSED_BENCH_DEVICE picks the device). Each
+8192 x 128256 and 4096 x 32000 (KDFUSED_BENCH_DEVICE picks the device). The
+fused-linear cases (providers of benchmarks/linear.py, sizes N x Hs x Ht x V in
+KDFUSED_BENCH_LINEAR_SIZES) default to 1024 x 512 x 1024 x 32000 on CPU and
+8192 x 2048 x 4096 x 128256 on CUDA. Each
 case first checks that the provider computes the loss being compared (against
 the plain loss in float64), so a fast wrong loss fails rather than wins. Every
 row's extra_info names the device, torch, dtype, sizes and commit, and gives
@@ -15,12 +18,14 @@ steps also give the share of the copy bandwidth (measured in the same session)
 achieved against the byte floor of 3 N V element sizes.
 """
 
+import dataclasses
 import functools
 import os
 
 import pytest
 import torch
 
+from . import linear
 from .providers import PROVIDERS, LossOptions, plain_loss
 from .run import (
     DTYPES,
@@ -40,6 +45,12 @@ DTYPE = os.environ.get("KDFUSED_BENCH_DTYPE", "bfloat16" if ON_CUDA else "float3
 SIZES = parse_sizes(
     os.environ.get(
         "KDFUSED_BENCH_SIZES", "8192x128256,4096x32000" if ON_CUDA else "512x32000,128x128256"
+    )
+)
+LINEAR_SIZES = linear.LinearSize.parse(
+    os.environ.get(
+        "KDFUSED_BENCH_LINEAR_SIZES",
+        "8192x2048x4096x128256" if ON_CUDA else "1024x512x1024x32000",
     )
 )
 OPTIONS = LossOptions(temperature=2.0, alpha=0.5, divergence="forward_kl")
@@ -102,3 +113,38 @@ def test_distill_step(benchmark, provider, mode, size):
     if provider.startswith("kdfused") and mode == "full" and benchmark.stats:
         seconds = benchmark.stats.stats.median
         benchmark.extra_info.update(bandwidth(n, v, element, seconds, copy_bytes_per_second(n, v)))
+
+
+@functools.cache
+def linear_inputs_for(size):
+    return linear.make_inputs(size, DTYPES[DTYPE], DEVICE)
+
+
+@functools.cache
+def linear_loss_for(provider):
+    return linear.PROVIDERS[provider].make(OPTIONS)
+
+
+@pytest.mark.parametrize("size", LINEAR_SIZES, ids=lambda s: f"{s.n}x{s.hs}x{s.ht}x{s.v}")
+@pytest.mark.parametrize("mode", linear.MODES)
+@pytest.mark.parametrize("provider", list(linear.PROVIDERS))
+def test_fused_linear_step(benchmark, provider, mode, size):
+    """The fused-linear loss and what a user would run instead, against the
+    floor of the matmuls alone (provider "matmuls")."""
+    why = linear.PROVIDERS[provider].missing(DEVICE)
+    if why:
+        pytest.skip(f"{provider}: {why}")
+    inputs = linear_inputs_for(size)
+    loss_fn = linear_loss_for(provider)
+    if linear.PROVIDERS[provider].computes_loss:
+        linear.check_loss(loss_fn, inputs, OPTIONS)
+    prepare, timed = linear.make_step(loss_fn, inputs, mode)
+    benchmark.pedantic(synchronised(timed), setup=synchronised(prepare), rounds=3, warmup_rounds=1)
+    prepare_full, full = linear.make_step(loss_fn, inputs, "full")
+    prepare_full()
+    peak = PeakMemory(DEVICE)(full)
+    grads = (size.n * size.hs + size.v * size.hs) * inputs[0].element_size()
+    benchmark.extra_info.update(conditions(DEVICE, DTYPE, OPTIONS))
+    benchmark.extra_info.update(
+        dataclasses.asdict(size), beyond_grads_nv=round((peak - grads) / (size.n * size.v * 4), 3)
+    )

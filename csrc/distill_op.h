@@ -31,10 +31,16 @@ std::string text(const at::Tensor& t);  // "shape [2, 3], dtype Float, device cp
 // contract below. distill_forward_out writes the gradient into `grad` (an
 // [N, V] contiguous buffer of the student's dtype, e.g. one reused chunk after
 // chunk by the fused-linear loss) and returns (hard_rows, soft_rows).
+// distill_forward_inplace (CPU) overwrites the (contiguous) student logits
+// with their gradient: one chunk buffer fewer for the fused-linear loss.
 constexpr const char* kDistillForwardSchema =
     "distill_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? grad_scale, "
     "float temperature, float alpha, str divergence, float beta, int ignore_index, "
     "bool scale_by_t2, bool compute_grad) -> (Tensor, Tensor, Tensor)";
+constexpr const char* kDistillForwardInplaceSchema =
+    "distill_forward_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, "
+    "Tensor? grad_scale, float temperature, float alpha, str divergence, float beta, "
+    "int ignore_index, bool scale_by_t2) -> (Tensor, Tensor)";
 constexpr const char* kDistillForwardOutSchema =
     "distill_forward_out(Tensor student, Tensor teacher, Tensor? labels, Tensor? grad_scale, "
     "float temperature, float alpha, str divergence, float beta, int ignore_index, "
@@ -88,6 +94,12 @@ DistillResult allocate_outputs(const DistillProblem& prob, bool compute_grad,
       c10::string_view divergence, double beta, int64_t ignore_index, bool scale_by_t2
 
 DistillResult distill_cpu(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out);
+// The same arguments with the student mutable (distill_forward_inplace).
+#define KDFUSED_KERNEL_ARGS_MUTABLE                                                       \
+  at::Tensor &student, const at::Tensor &teacher, const std::optional<at::Tensor>&labels, \
+      const std::optional<at::Tensor>&grad_scale, double temperature, double alpha,       \
+      c10::string_view divergence, double beta, int64_t ignore_index, bool scale_by_t2
+std::tuple<at::Tensor, at::Tensor> distill_forward_inplace_cpu(KDFUSED_KERNEL_ARGS_MUTABLE);
 DistillResult distill_cuda(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out);
 
 // The two ops over one device's kernel (registration.cpp, tests/emulator/).

@@ -16,6 +16,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(kdfused, m) {
   m.def(kdfused::kDistillForwardSchema, {at::Tag::pt2_compliant_tag});
   m.def(kdfused::kDistillForwardOutSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kDistillForwardInplaceSchema, {at::Tag::pt2_compliant_tag});
   // Which instruction set the CPU kernel uses in this process.
   m.def("cpu_capability() -> str", &kdfused::cpu_capability);
 }
@@ -23,6 +24,7 @@ TORCH_LIBRARY(kdfused, m) {
 TORCH_LIBRARY_IMPL(kdfused, CPU, m) {
   m.impl("distill_forward", &kdfused::distill_forward_op<kdfused::distill_cpu>);
   m.impl("distill_forward_out", &kdfused::distill_forward_out_op<kdfused::distill_cpu>);
+  m.impl("distill_forward_inplace", &kdfused::distill_forward_inplace_cpu);
 }
 
 #ifdef KDFUSED_WITH_CUDA  // defined by setup.py when it compiles csrc/cuda/

@@ -11,10 +11,12 @@ weight, dense logits), so that the loop has no branch per kind.
 
 Memory beyond the inputs and their gradients: one chunk's student logits, the
 kernel's gradient of them and the teacher's logits (none for dense teacher
-logits, which are read in place), each a buffer reused by every chunk (the
-kernel writes into the gradient's: distill_forward_out), plus a float32
-weight-gradient accumulator when the weight is 16-bit (a float32 weight
-accumulates into its own gradient).
+logits, which are read in place), each a buffer reused by every chunk, plus a
+float32 weight-gradient accumulator when the weight is 16-bit (a float32
+weight accumulates into its own gradient). On the CPU the kernel writes the
+gradient over the student's logits (distill_forward_inplace), one buffer
+fewer; on a GPU, or with a student softcap, into its own buffer
+(distill_forward_out).
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ from .functional import (
 )
 
 # chunk_size=None: as many rows as keep one chunk's buffers (student logits,
-# their gradient and the teacher's logits, in the inputs' dtypes) within this
-# many bytes, rounded down to a multiple of 8 rows. On the CPU 64 MiB: 168 rows
-# at V = 32000 in float32 with a hidden-states teacher. On a GPU 256 MiB: 344
-# rows at V = 128256 in bfloat16, as a chunk's matmul reads the whole weight
-# and with fewer than a few hundred rows that read, not the arithmetic, would
-# set its time.
+# their gradient unless it overwrites them, and the teacher's logits, in the
+# inputs' dtypes) within this many bytes, rounded down to a multiple of 8 rows.
+# On the CPU 64 MiB: 256 rows at V = 32000 in float32 with a hidden-states
+# teacher. On a GPU 256 MiB: 344 rows at V = 128256 in bfloat16, as a chunk's
+# matmul reads the whole weight and with fewer than a few hundred rows that
+# read, not the arithmetic, would set its time.
 CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
 
 
@@ -115,6 +117,21 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.mm(a, b))
 
 
+def _gradient_mode(device_type: str, s_cap) -> str:
+    """Where the kernel writes a chunk's logits gradient: over the logits
+    themselves where that kernel can ("inplace", the CPU's, and only without a
+    student softcap, whose derivative needs the logits after the kernel), else
+    into a buffer of its own ("out"). Traced by torch.compile, into a fresh
+    tensor ("new"): there the op that writes into a reused buffer gave wrong
+    weight gradients (torch 2.13.0: test_compile_fullgraph), and a compiled
+    graph plans its own buffers anyway."""
+    if torch.compiler.is_compiling():
+        return "new"
+    if s_cap is None and device_type in ops.INPLACE_DEVICES:
+        return "inplace"
+    return "out"
+
+
 def _chunk_pass(
     s_hidden,
     s_weight,
@@ -136,12 +153,12 @@ def _chunk_pass(
     n, vocab = s_hidden.shape[0], s_weight.shape[0]
     need_hidden, need_weight, need_bias = need
     compute_grad = need_hidden or need_weight or need_bias
-    compiling = torch.compiler.is_compiling()
+    mode = _gradient_mode(s_hidden.device.type, s_cap)
     hard = s_hidden.new_empty(n, dtype=torch.float32)
     soft = s_hidden.new_empty(n, dtype=torch.float32)
     rows = min(chunk, n)
     s_buffer = s_hidden.new_empty(rows, vocab)
-    g_buffer = s_hidden.new_empty(rows, vocab) if compute_grad and not compiling else None
+    g_buffer = s_hidden.new_empty(rows, vocab) if compute_grad and mode == "out" else None
     t_buffer = teacher.buffer(rows)
     grad_hidden = torch.empty_like(s_hidden) if need_hidden else None
     # float32 accumulators; a float32 weight accumulates into its own gradient.
@@ -158,13 +175,15 @@ def _chunk_pass(
                 s, t, y, grad_scale, **kernel_options, compute_grad=False
             )
             continue
-        if compiling:
-            # Traced, the op that writes into the reused buffer gave wrong
-            # weight gradients (torch 2.13.0: test_compile_fullgraph); a
-            # compiled graph plans its own buffers anyway.
+        if mode == "new":
             hard[start:stop], soft[start:stop], g = ops.distill_forward(
                 s, t, y, grad_scale, **kernel_options, compute_grad=True
             )
+        elif mode == "inplace":
+            hard[start:stop], soft[start:stop] = ops.distill_forward_inplace(
+                s, t, y, grad_scale, **kernel_options
+            )
+            g = s
         else:
             g = g_buffer[: stop - start]
             hard[start:stop], soft[start:stop] = ops.distill_forward_out(
@@ -223,8 +242,13 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
         teacher = _teacher_source(t_hidden, t_weight, t_bias, t_logits, t_cap)
         n = s_hidden.shape[0]
         if chunk_size is None:
-            row_bytes = s_weight.shape[0] * 2 * s_weight.element_size() + teacher.row_bytes()
-            chunk_size = default_chunk_size(n, row_bytes, s_hidden.device.type)
+            # The student's logits, their gradient unless it overwrites them,
+            # and the teacher's logits.
+            s_copies = 1 if _gradient_mode(s_hidden.device.type, s_cap) == "inplace" else 2
+            row_bytes = s_weight.shape[0] * s_copies * s_weight.element_size()
+            chunk_size = default_chunk_size(
+                n, row_bytes + teacher.row_bytes(), s_hidden.device.type
+            )
         kernel_options = dict(
             temperature=temperature,
             alpha=alpha,

@@ -28,6 +28,16 @@ BUILT_DEVICES = frozenset(
 )
 
 
+# Device types whose kernel can overwrite the student logits with their
+# gradient (distill_forward_inplace): the CPU's.
+INPLACE_DEVICES = frozenset(
+    device
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if LOAD_ERROR is None
+    and torch._C._dispatch_has_kernel_for_dispatch_key("kdfused::distill_forward_inplace", key)
+)
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether the extension is loaded and has a kernel for this device type."""
     return device_type in BUILT_DEVICES
@@ -101,6 +111,36 @@ def distill_forward_out(
     )
 
 
+def distill_forward_inplace(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_scale: torch.Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    scale_by_t2: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """distill_forward with the (contiguous) student logits overwritten by
+    their gradient (devices in INPLACE_DEVICES); returns ``(hard_rows,
+    soft_rows)``."""
+    return torch.ops.kdfused.distill_forward_inplace.default(
+        student,
+        teacher,
+        labels,
+        grad_scale,
+        float(temperature),
+        float(alpha),
+        divergence,
+        float(beta),
+        int(ignore_index),
+        bool(scale_by_t2),
+    )
+
+
 if LOAD_ERROR is None:
 
     @torch.library.register_fake("kdfused::distill_forward")
@@ -136,6 +176,24 @@ if LOAD_ERROR is None:
         ignore_index,
         scale_by_t2,
         grad,
+    ):
+        n = student.shape[0]
+        return student.new_empty((n,), dtype=torch.float32), student.new_empty(
+            (n,), dtype=torch.float32
+        )
+
+    @torch.library.register_fake("kdfused::distill_forward_inplace")
+    def _distill_forward_inplace_fake(
+        student,
+        teacher,
+        labels,
+        grad_scale,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
+        scale_by_t2,
     ):
         n = student.shape[0]
         return student.new_empty((n,), dtype=torch.float32), student.new_empty(

@@ -1,10 +1,11 @@
-"""The benchmark tools themselves (benchmarks/run.py and plot.py) on tiny sizes:
+"""The benchmark tools themselves (benchmarks/run.py, linear.py and plot.py) on tiny sizes:
 the rows they write and the plot they draw. (The speed itself is measured by
 the benchmarks, never asserted by a test.)"""
 
 import csv
 
 import pytest
+import torch
 
 from benchmarks import plot, run
 
@@ -91,3 +92,44 @@ def test_interleave_takes_turns(interleave):
     timed = calls[:6]  # 3 runs each (1 warm-up + 2), then one peak-memory step each
     assert timed == (["a", "b"] * 3 if interleave else ["a"] * 3 + ["b"] * 3)
     assert calls[6:] == ["a", "b"]
+
+
+def test_fused_linear_cli(tmp_path):
+    """benchmarks/linear.py: a row per provider and mode, each naming its
+    conditions; full steps are given against the matmul floor of the same run."""
+    from benchmarks import linear
+
+    path, md = tmp_path / "rows.csv", tmp_path / "rows.md"
+    linear.main(
+        ["--device", "cpu", "--sizes", "16x8x12x300", "--providers", "kdfused,eager,matmuls"]
+        + ["--modes", "forward,full", "--warmup", "0", "--reps", "1"]
+        + ["--csv", str(path), "--md", str(md)]
+    )
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("kdfused", "eager", "matmuls") for m in ("forward", "full")
+    }
+    for row in rows:
+        assert row["device"] and row["torch"] and row["commit"] and row["dtype"] == "float32"
+        assert (row["n"], row["hs"], row["ht"], row["v"]) == ("16", "8", "12", "300")
+        assert float(row["ms"]) > 0
+        assert bool(row["vs_matmuls"]) == (row["mode"] == "full")
+    floor = next(r for r in rows if r["provider"] == "matmuls" and r["mode"] == "full")
+    assert float(floor["vs_matmuls"]) == 1.0
+    assert "| provider | mode | n | hs | ht | v |" in md.read_text()
+    with pytest.raises(ValueError, match="NxHsxHtxV"):
+        linear.LinearSize.parse("16x300")
+
+
+def test_fused_linear_floor_is_the_four_products():
+    """The floor provider's gradients are exactly G W and G^T h for the
+    stand-in G (the student's logits): nothing else is timed with them."""
+    from benchmarks import linear
+
+    h = torch.randn(5, 3, requires_grad=True)
+    w = torch.randn(7, 3, requires_grad=True)
+    linear._MatmulFloor.apply(h, w, torch.randn(5, 4), torch.randn(7, 4)).backward()
+    g = (h @ w.t()).detach()
+    torch.testing.assert_close(h.grad, g @ w.detach())
+    torch.testing.assert_close(w.grad, g.t() @ h.detach())

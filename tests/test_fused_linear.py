@@ -231,23 +231,39 @@ def test_default_chunk_size_follows_the_budget():
 
 
 @pytest.mark.parametrize("chunk", [16, None])
-def test_chunks_never_exceed_chunk_size(monkeypatch, chunk):
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunks_never_exceed_chunk_size(monkeypatch, chunk, softcap):
     """The kernel only ever sees one chunk of rows (no N x V logits exist), and
-    writes every chunk's gradient into one reused buffer."""
+    writes every chunk's gradient into one reused buffer: over the logits
+    themselves (the CPU kernel), or, with a student softcap (whose derivative
+    needs the logits after the kernel), into a buffer of its own."""
     seen = []
-    real = ops.distill_forward_out
+    for name in ("distill_forward_out", "distill_forward_inplace"):
+        real = getattr(ops, name)
 
-    def spy(s, t, y, scale, grad, **kwargs):
-        seen.append((tuple(s.shape), tuple(t.shape), tuple(grad.shape), grad.data_ptr()))
-        return real(s, t, y, scale, grad, **kwargs)
+        def spy(s, t, y, scale, *grad, _real=real, _name=name, **kwargs):
+            target = grad[0] if grad else s
+            seen.append((_name, s.shape, t.shape, target.shape, target.data_ptr()))
+            return _real(s, t, y, scale, *grad, **kwargs)
 
-    monkeypatch.setattr(ops, "distill_forward_out", spy)
-    # A budget of 20 rows (student logits, gradient, teacher logits): 16 rows.
-    monkeypatch.setattr(fused_linear, "CHUNK_BUDGET_BYTES", {"cpu": 20 * VOCAB * 12})
+        monkeypatch.setattr(ops, name, spy)
+    # A budget of 30 rows of student logits, gradient and teacher logits: 24
+    # rows when the gradient overwrites the logits, 16 when it needs a buffer.
+    monkeypatch.setattr(fused_linear, "CHUNK_BUDGET_BYTES", {"cpu": 30 * VOCAB * 8})
     student, teacher, labels = make_problem()
-    run(kdfused.fused_linear_distill_loss, student, teacher, labels, chunk_size=chunk)
-    assert [s[0] for s, *_ in seen] == [16, 16, 16, 16, 10]
-    assert all(s == t == g == (s[0], VOCAB) for s, t, g, _ in seen)
+    run(
+        kdfused.fused_linear_distill_loss,
+        student,
+        teacher,
+        labels,
+        chunk_size=chunk,
+        student_softcap=softcap,
+    )
+    expected_op = "distill_forward_out" if softcap else "distill_forward_inplace"
+    rows = 16 if chunk or softcap else 24
+    assert [shape[0] for _, shape, *_ in seen] == [rows] * (74 // rows) + [74 % rows]
+    assert all(op == expected_op for op, *_ in seen)
+    assert all(s == t == g == (s[0], VOCAB) for _, s, t, g, _ in seen)
     assert len({ptr for *_, ptr in seen}) == 1
 
 
@@ -291,7 +307,7 @@ def test_no_grad_computes_loss_only(device, monkeypatch):
     """No gradient wanted: the kernel is asked for the loss alone. Else only
     what requires a gradient gets one."""
     calls = []
-    for name in ("distill_forward", "distill_forward_out"):
+    for name in ("distill_forward", "distill_forward_out", "distill_forward_inplace"):
         real = getattr(ops, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
@@ -312,7 +328,7 @@ def test_no_grad_computes_loss_only(device, monkeypatch):
     )
     loss.backward()
     assert hidden.grad is None and leaves["student_weight"].grad is not None
-    assert calls == [("distill_forward_out", None)] * 2
+    assert calls == [("distill_forward_inplace", None)] * 2
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -229,3 +229,34 @@ def test_out_variant_checks_its_buffer(bad):
     }[bad]
     with pytest.raises(ValueError, match=r"grad must be a contiguous \[N, V\] = \[6, 37\] tensor"):
         torch.ops.kdfused.distill_forward_out.default(s, t, y, scale, *opts[:-1], buffer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 3.0])  # the hard term's softmax from p_s, from s
+def test_inplace_variant(dtype, divergence, temperature):
+    """distill_forward_inplace (CPU) overwrites the student logits with the
+    gradient distill_forward returns, bit for bit: every logit, the label's
+    included, is read before its chunk is overwritten (V = 1500: three chunks)."""
+    s, t, y, scale, *opts = _op_args("cpu", dtype=dtype)
+    s = make_logits((6, 1500), dtype, seed=56)
+    t = make_logits((6, 1500), torch.float32, seed=57)
+    y = make_labels((6,), 1500, "some")
+    y[1] = 1499  # the last element of a ragged chunk
+    opts[0], opts[2] = temperature, divergence
+    hard, soft, grad = torch.ops.kdfused.distill_forward.default(s, t, y, scale, *opts)
+    buffer = s.clone()
+    got = torch.ops.kdfused.distill_forward_inplace.default(buffer, t, y, scale, *opts[:-1])
+    assert torch.equal(got[0], hard) and torch.equal(got[1], soft)
+    assert torch.equal(buffer, grad)
+
+
+def test_inplace_variant_opcheck_and_contiguity():
+    s, t, y, scale, *opts = _op_args("cpu")
+    torch.library.opcheck(
+        torch.ops.kdfused.distill_forward_inplace.default, (s.clone(), t, y, scale, *opts[:-1])
+    )
+    strided = torch.empty(37, 6).t()
+    with pytest.raises(ValueError, match=r"overwrites the student logits.*must be contiguous"):
+        torch.ops.kdfused.distill_forward_inplace.default(strided, t, y, scale, *opts[:-1])
+    assert ops.INPLACE_DEVICES == {"cpu"}

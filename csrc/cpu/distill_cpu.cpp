@@ -408,6 +408,10 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
   alignas(64) float sbuf[kChunk];
   alignas(64) float tbuf[kChunk];
   alignas(64) float gbuf[kChunk];
+  // The gradient may overwrite the student logits (distill_forward_inplace):
+  // then every chunk's gradient goes through gbuf, and is stored only once its
+  // label element is done, the last read of that chunk's logits.
+  const bool in_place = static_cast<const void*>(a.grad) == static_cast<const void*>(a.s);
   std::vector<float> kept(2 * v);  // es, then et
   float* es = kept.data();
   float* et = kept.data() + v;
@@ -464,10 +468,11 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
       // read would fault, not go wrong quietly).
       const float* sf = reads_s ? as_float(s + j0, len, sbuf, kernels) : nullptr;
       const float* tf = reads_t ? as_float(t + j0, len, tbuf, kernels) : nullptr;
-      // A float gradient is written in place, others through gbuf.
+      // A float gradient is written straight into its row, others (and one
+      // that overwrites the logits) through gbuf.
       float* gf;
       if constexpr (std::is_same_v<S, float>) {
-        gf = g + j0;
+        gf = in_place ? gbuf : g + j0;
       } else {
         gf = gbuf;
       }
@@ -482,6 +487,7 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
         kernels.store_f16(reinterpret_cast<uint16_t*>(g + j0), gbuf, len);
       } else {
         static_assert(std::is_same_v<S, float>, "float, bfloat16 or float16 gradients");
+        if (in_place) std::memcpy(g + j0, gbuf, len * sizeof(float));
       }
     }
   }
@@ -510,6 +516,16 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> distill_forward_inplace_cpu(KDFUSED_KERNEL_ARGS_MUTABLE) {
+  TORCH_CHECK_VALUE(student.is_contiguous(),
+                    "kdfused: distill_forward_inplace overwrites the student logits with their "
+                    "gradient, so they must be contiguous, got ",
+                    text(student), " with strides ", text(student.strides()));
+  auto result = distill_cpu(student, teacher, labels, grad_scale, temperature, alpha, divergence,
+                            beta, ignore_index, scale_by_t2, true, &student);
+  return {std::get<0>(result), std::get<1>(result)};
+}
 
 std::string cpu_capability() {
   const char* forced = std::getenv("KDFUSED_CPU_CAPABILITY");
