@@ -2,10 +2,11 @@
 # The GPU machine's check, in one call of the device tool (see DEVELOPERS.md):
 # build with all cores, the CUDA tests, a benchmark of kdfused against plain
 # PyTorch eager, torch.compile and, when its wheel was carried in .whl/,
-# Liger-Kernel, ncu's view of the kernel, and a sweep over V and N. Everything
-# lands under $OUT: gpu_check.log (all output), pytest.log, bench.md,
-# bench.csv, split<k>.{csv,md} (KDFUSED_CUDA_SPLIT = k), ncu.txt and
-# ncu-split8.txt. Each stage has its own time limit; about 5 minutes when all
+# Liger-Kernel, the fused-linear loss against Liger-Kernel's
+# LigerFusedLinearJSDLoss and the matmuls alone, ncu's view of the kernel, and
+# a sweep over V and N. Everything lands under $OUT: gpu_check.log (all
+# output), pytest.log, bench.md, bench.csv, linear.{csv,md},
+# split<k>.{csv,md} (KDFUSED_CUDA_SPLIT = k), ncu.txt and ncu-split8.txt. Each stage has its own time limit; about 5 minutes when all
 # goes well.
 #
 #   KDFUSED_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
@@ -13,6 +14,7 @@
 # (.git does not travel to that machine, hence KDFUSED_COMMIT.) Options:
 # GPU_CHECK_SIZES (default 8192x128256,4096x32000), GPU_CHECK_DTYPE (bfloat16),
 # GPU_CHECK_TESTS (pytest arguments; default: every test with a CUDA case),
+# GPU_CHECK_LINEAR_SIZES (fused-linear sizes NxHsxHtxV),
 # GPU_CHECK_SWEEP (the sizes of the sweep over V and N).
 set -uo pipefail
 
@@ -79,6 +81,15 @@ done
 # T = 1 takes the hard term's softmax from p_s as T = 2 does (dd9583a): the
 # same time as the T = 2 row is the expectation.
 bench 60 --sizes 8192x128256 --temperature 1.0 --providers kdfused
+
+stage "fused-linear: 8192 tokens, Hs 2048, Ht 4096, V 128256 (kdfused, dense, Liger-Kernel, matmul floor)"
+for div in forward_kl jsd; do
+  timeout 150 python3 -m benchmarks.linear --device cuda --dtype "${GPU_CHECK_DTYPE:-bfloat16}" \
+    --sizes "${GPU_CHECK_LINEAR_SIZES:-8192x2048x4096x128256}" --divergence $div --warmup 1 \
+    --reps 5 --providers kdfused,kdfused-dense,liger,matmuls \
+    --csv "$out/linear.csv" --md "$out/linear.md"
+  [ $? -eq 0 ] || status=1
+done
 
 stage "row split (KDFUSED_CUDA_SPLIT = blocks per row): 8192 x 128256, one CSV per split"
 for k in 1 2 4 8 16; do

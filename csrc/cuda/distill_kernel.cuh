@@ -27,6 +27,7 @@
 #include <cooperative_groups.h>
 #endif
 
+#include "../distill_op.h"  // text()
 #include "../kdfused_math.h"
 
 namespace kdfused {
@@ -429,9 +430,11 @@ inline int requested_split() {
   if (env == nullptr || *env == 0) return 1;
   char* end = nullptr;
   const long k = std::strtol(env, &end, 10);
+  // The bound through text(): no number may reach TORCH_CHECK's ostream (see
+  // text() in distill_op.h).
   TORCH_CHECK_VALUE(*end == 0 && k >= 1 && k <= kMaxSplit,
-                    "kdfused: KDFUSED_CUDA_SPLIT must be an integer from 1 to ", kMaxSplit,
-                    ", got '", env, "'");
+                    "kdfused: KDFUSED_CUDA_SPLIT must be an integer from 1 to ",
+                    text(int64_t{kMaxSplit}), ", got '", env, "'");
   return static_cast<int>(k);
 }
 
