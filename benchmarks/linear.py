@@ -30,10 +30,8 @@ full step's time over the floor's, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import math
-import os
 import sys
 
 import torch
@@ -41,7 +39,7 @@ import torch
 import kdfused
 
 from .providers import LossOptions, plain_loss
-from .run import DIVERGENCES, DTYPES, bench_cases, conditions
+from .run import DIVERGENCES, DTYPES, bench_cases, conditions, write_outputs
 
 MODES = ("forward", "full")
 
@@ -304,18 +302,7 @@ def main(argv=None):
         if name not in PROVIDERS:
             parser.error(f"unknown provider {name!r}: choose from {', '.join(PROVIDERS)}")
     rows = run(args)
-    table = markdown(rows)
-    print(table)
-    if args.md:
-        with open(args.md, "a") as f:
-            f.write(table + "\n")
-    if args.csv and rows:
-        new = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=META + COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+    write_outputs(rows, markdown(rows), META + COLUMNS, args.csv, args.md)
 
 
 if __name__ == "__main__":

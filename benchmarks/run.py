@@ -339,15 +339,20 @@ def main(argv=None):
             parser.error(f"unknown provider {name!r}: choose from {', '.join(PROVIDERS)}")
 
     rows = run(args)
-    table = markdown(rows)
+    write_outputs(rows, markdown(rows), FIELDS, args.csv, args.md)
+
+
+def write_outputs(rows: list[dict], table: str, fields: list[str], csv_path, md_path) -> None:
+    """Prints the markdown table and appends it and the rows to the files
+    named (a CSV gets its header when it is new)."""
     print(table)
-    if args.md:
-        with open(args.md, "a") as f:
+    if md_path:
+        with open(md_path, "a") as f:
             f.write(table + "\n")
-    if args.csv and rows:
-        new = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
+    if csv_path and rows:
+        new = not os.path.exists(csv_path)
+        with open(csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
             if new:
                 writer.writeheader()
             writer.writerows(rows)

@@ -370,7 +370,7 @@ def fused_linear_distill_loss(
         ``reduction="none"`` it runs the chunk loop again, with the per-row
         upstream gradient).
     """
-    validate_options(
+    options = dict(
         temperature=temperature,
         alpha=alpha,
         divergence=divergence,
@@ -378,8 +378,8 @@ def fused_linear_distill_loss(
         reduction=reduction,
         ignore_index=ignore_index,
         scale_by_t2=scale_by_t2,
-        backend=backend,
     )
+    validate_options(**options, backend=backend)
     validate_linear_options(
         chunk_size=chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap
     )
@@ -394,15 +394,9 @@ def fused_linear_distill_loss(
         teacher_logits=teacher_logits,
         alpha=alpha,
     )
-    options = dict(
-        temperature=float(temperature),
-        alpha=float(alpha),
-        divergence=divergence,
-        beta=float(beta),
-        reduction=reduction,
-        ignore_index=int(ignore_index),
-        scale_by_t2=scale_by_t2,
-    )
+    for name, cast in (("temperature", float), ("alpha", float), ("beta", float)):
+        options[name] = cast(options[name])
+    options["ignore_index"] = int(ignore_index)
     caps = dict(
         student_softcap=None if student_softcap is None else float(student_softcap),
         teacher_softcap=None if teacher_softcap is None else float(teacher_softcap),

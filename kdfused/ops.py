@@ -43,6 +43,18 @@ def has_kernel(device_type: str) -> bool:
     return device_type in BUILT_DEVICES
 
 
+def _loss_scalars(temperature, alpha, divergence, beta, ignore_index, scale_by_t2) -> tuple:
+    """The loss options in the ops' schema order and types."""
+    return (
+        float(temperature),
+        float(alpha),
+        divergence,
+        float(beta),
+        int(ignore_index),
+        bool(scale_by_t2),
+    )
+
+
 def distill_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -64,18 +76,9 @@ def distill_forward(
     ``grad_scale * d loss_i / d s_i`` in the student's dtype (else a [0] tensor).
     Raises ValueError for a label outside [0, V) that is not ``ignore_index``.
     """
+    scalars = _loss_scalars(temperature, alpha, divergence, beta, ignore_index, scale_by_t2)
     return torch.ops.kdfused.distill_forward.default(
-        student,
-        teacher,
-        labels,
-        grad_scale,
-        float(temperature),
-        float(alpha),
-        divergence,
-        float(beta),
-        int(ignore_index),
-        bool(scale_by_t2),
-        bool(compute_grad),
+        student, teacher, labels, grad_scale, *scalars, bool(compute_grad)
     )
 
 
@@ -96,18 +99,9 @@ def distill_forward_out(
     """distill_forward with the gradient written into `grad` (a contiguous
     [N, V] tensor of the student's dtype, e.g. a buffer reused chunk after
     chunk); returns ``(hard_rows, soft_rows)``."""
+    scalars = _loss_scalars(temperature, alpha, divergence, beta, ignore_index, scale_by_t2)
     return torch.ops.kdfused.distill_forward_out.default(
-        student,
-        teacher,
-        labels,
-        grad_scale,
-        float(temperature),
-        float(alpha),
-        divergence,
-        float(beta),
-        int(ignore_index),
-        bool(scale_by_t2),
-        grad,
+        student, teacher, labels, grad_scale, *scalars, grad
     )
 
 
@@ -127,17 +121,9 @@ def distill_forward_inplace(
     """distill_forward with the (contiguous) student logits overwritten by
     their gradient (devices in INPLACE_DEVICES); returns ``(hard_rows,
     soft_rows)``."""
+    scalars = _loss_scalars(temperature, alpha, divergence, beta, ignore_index, scale_by_t2)
     return torch.ops.kdfused.distill_forward_inplace.default(
-        student,
-        teacher,
-        labels,
-        grad_scale,
-        float(temperature),
-        float(alpha),
-        divergence,
-        float(beta),
-        int(ignore_index),
-        bool(scale_by_t2),
+        student, teacher, labels, grad_scale, *scalars
     )
 
 
@@ -163,39 +149,12 @@ if LOAD_ERROR is None:
         grad = student.new_empty((n, v) if compute_grad else (0,))
         return hard, soft, grad
 
-    @torch.library.register_fake("kdfused::distill_forward_out")
-    def _distill_forward_out_fake(
-        student,
-        teacher,
-        labels,
-        grad_scale,
-        temperature,
-        alpha,
-        divergence,
-        beta,
-        ignore_index,
-        scale_by_t2,
-        grad,
-    ):
+    def _loss_rows_fake(student, *_):
+        """distill_forward_out and distill_forward_inplace: the two [N] float32
+        row tensors (the gradient goes into a tensor the caller has)."""
         n = student.shape[0]
-        return student.new_empty((n,), dtype=torch.float32), student.new_empty(
-            (n,), dtype=torch.float32
-        )
+        rows = student.new_empty((n,), dtype=torch.float32)
+        return rows, torch.empty_like(rows)
 
-    @torch.library.register_fake("kdfused::distill_forward_inplace")
-    def _distill_forward_inplace_fake(
-        student,
-        teacher,
-        labels,
-        grad_scale,
-        temperature,
-        alpha,
-        divergence,
-        beta,
-        ignore_index,
-        scale_by_t2,
-    ):
-        n = student.shape[0]
-        return student.new_empty((n,), dtype=torch.float32), student.new_empty(
-            (n,), dtype=torch.float32
-        )
+    torch.library.register_fake("kdfused::distill_forward_out", _loss_rows_fake)
+    torch.library.register_fake("kdfused::distill_forward_inplace", _loss_rows_fake)
