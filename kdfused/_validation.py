@@ -14,6 +14,7 @@ import numbers
 import torch
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+TEACHER_VOCABS = ("exact", "truncate")
 REDUCTIONS = ("batchmean", "sum", "none")
 BACKENDS = ("auto", "cpu", "cuda", "reference")
 
@@ -40,6 +41,7 @@ def validate_options(
     ignore_index,
     scale_by_t2,
     backend,
+    teacher_vocab="exact",
 ) -> None:
     """Checks the option values alone (no tensors): raises ValueError/TypeError."""
     t = _check_real("temperature", temperature)
@@ -54,6 +56,7 @@ def validate_options(
     _check_choice("divergence", divergence, DIVERGENCES)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("backend", backend, BACKENDS)
+    _check_choice("teacher_vocab", teacher_vocab, TEACHER_VOCABS)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not isinstance(scale_by_t2, bool):
@@ -93,15 +96,80 @@ def _check_labels(labels, lead: torch.Size, device: torch.device, *, alpha, lead
         raise ValueError(f"labels must be on the {lead_of}' device {device}, got {labels.device}")
 
 
-def validate_tensors(student_logits, teacher_logits, labels, *, alpha) -> None:
+def _check_teacher_vocab(
+    student_vocab: int, teacher_vocab_size: int, teacher_vocab: str, what: str
+) -> None:
+    """A teacher wider than the student is a padded vocabulary: an error unless
+    teacher_vocab="truncate". A narrower one is always an error."""
+    if teacher_vocab_size == student_vocab:
+        return
+    if teacher_vocab_size > student_vocab and teacher_vocab == "truncate":
+        return
+    hint = (
+        f": pass teacher_vocab='truncate' to use the teacher's first {student_vocab} "
+        "(e.g. a vocabulary padded for speed)"
+        if teacher_vocab_size > student_vocab
+        else " (a narrower teacher cannot be truncated)"
+    )
+    raise ValueError(
+        f"student and teacher vocabularies differ: {what}, V = {student_vocab} for the student "
+        f"and {teacher_vocab_size} for the teacher{hint}"
+    )
+
+
+def teacher_columns(x: torch.Tensor, vocab: int, dim: int = -1) -> torch.Tensor:
+    """The teacher's first `vocab` entries along dim (a view, no copy): its
+    logits' columns, or its weight's and bias's rows. Call after the checks."""
+    return x if x.shape[dim] == vocab else x.narrow(dim, 0, vocab)
+
+
+def validate_num_items(num_items_in_batch, reduction: str) -> None:
+    """num_items_in_batch: None, an int >= 0 or a 0-d tensor (its value is not
+    read: that would cost a CUDA tensor a host sync), with "batchmean" only."""
+    if num_items_in_batch is None:
+        return
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.dim() != 0 or num_items_in_batch.is_complex():
+            raise ValueError(
+                "num_items_in_batch must be an int or a 0-d real tensor, got a tensor of shape "
+                f"{tuple(num_items_in_batch.shape)} and dtype {num_items_in_batch.dtype}"
+            )
+    elif isinstance(num_items_in_batch, bool) or not isinstance(
+        num_items_in_batch, numbers.Integral
+    ):
+        raise TypeError(
+            "num_items_in_batch must be an int or a 0-d tensor, got "
+            f"{type(num_items_in_batch).__name__}"
+        )
+    elif num_items_in_batch < 0:
+        raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}")
+    if reduction != "batchmean":
+        raise ValueError(
+            "num_items_in_batch replaces the batchmean divisor, so it needs "
+            f"reduction='batchmean', got reduction={reduction!r}"
+        )
+
+
+def validate_tensors(
+    student_logits, teacher_logits, labels, *, alpha, teacher_vocab="exact"
+) -> None:
     """Checks types, dtypes, shapes and devices of the inputs."""
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         _check_floating(name, x)
-    if student_logits.shape != teacher_logits.shape:
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1] or student_logits.dim() != (
+        teacher_logits.dim()
+    ):
         raise ValueError(
             "student_logits and teacher_logits must have the same shape, got "
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
+    _check_teacher_vocab(
+        student_logits.shape[-1],
+        teacher_logits.shape[-1],
+        teacher_vocab,
+        f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+        f"{tuple(teacher_logits.shape)}",
+    )
     if student_logits.shape[-1] == 0:
         raise ValueError(
             f"the vocabulary dim V must be > 0, got logits of shape {tuple(student_logits.shape)}"
@@ -159,6 +227,7 @@ def validate_linear_tensors(
     teacher_bias,
     teacher_logits,
     alpha,
+    teacher_vocab="exact",
 ) -> None:
     """Checks the fused-linear loss's inputs (DESIGN.md section 5): shapes,
     dtypes, devices, and that the teacher comes from exactly one source."""
@@ -186,28 +255,36 @@ def validate_linear_tensors(
     if student_bias is not None:
         tensors.append(("student_bias", student_bias))
     if hidden_given:
-        teacher_vocab = _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        t_vocab = _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
         if teacher_hidden.shape[:-1] != lead:
             raise ValueError(
                 f"teacher_hidden must have the leading dims {tuple(lead)} of student_hidden "
                 f"{tuple(student_hidden.shape)}, got {tuple(teacher_hidden.shape)}"
             )
-        if teacher_vocab != vocab:
-            raise ValueError(
-                "student and teacher vocabularies differ: student_weight "
-                f"{tuple(student_weight.shape)} (V = {vocab}), teacher_weight "
-                f"{tuple(teacher_weight.shape)} (V = {teacher_vocab})"
-            )
+        _check_teacher_vocab(
+            vocab,
+            t_vocab,
+            teacher_vocab,
+            f"student_weight {tuple(student_weight.shape)} and teacher_weight "
+            f"{tuple(teacher_weight.shape)}",
+        )
         tensors += [("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)]
         if teacher_bias is not None:
             tensors.append(("teacher_bias", teacher_bias))
     else:
         _check_floating("teacher_logits", teacher_logits)
-        if teacher_logits.shape != (*lead, vocab):
+        if teacher_logits.shape[:-1] != lead:
             raise ValueError(
                 f"teacher_logits must have shape {(*lead, vocab)} (student_hidden's leading dims, "
                 f"V = {vocab} from student_weight), got {tuple(teacher_logits.shape)}"
             )
+        _check_teacher_vocab(
+            vocab,
+            teacher_logits.shape[-1],
+            teacher_vocab,
+            f"student_weight {tuple(student_weight.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)}",
+        )
         tensors.append(("teacher_logits", teacher_logits))
     device = student_hidden.device
     for name, x in tensors:

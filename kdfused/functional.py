@@ -8,7 +8,12 @@ import torch
 
 from . import ops, reference
 from ._types import DistillLossOutput
-from ._validation import validate_options, validate_tensors
+from ._validation import (
+    teacher_columns,
+    validate_num_items,
+    validate_options,
+    validate_tensors,
+)
 
 _warned_fallback = False
 
@@ -58,10 +63,13 @@ def kernel_dtype_check(name: str, x: torch.Tensor) -> None:
         )
 
 
-def counted_rows(labels, n: int, ignore_index: int, device) -> torch.Tensor:
-    """The batchmean divisor: the rows that count (at least 1), as a float32
-    tensor (no host sync)."""
-    if labels is None:
+def counted_rows(labels, n: int, ignore_index: int, device, num_items=None) -> torch.Tensor:
+    """The batchmean divisor, as a float32 tensor (no host sync): the rows that
+    count, or num_items_in_batch when given (an int or a 0-d tensor: the
+    Hugging Face Trainer's count over a whole accumulated batch); at least 1."""
+    if num_items is not None:
+        count = torch.as_tensor(num_items, device=device).to(torch.float32)
+    elif labels is None:
         count = torch.full((), n, dtype=torch.float32, device=device)
     else:
         count = (labels != ignore_index).sum().to(torch.float32)
@@ -104,6 +112,18 @@ def upstream_is_one(grad_loss: torch.Tensor, grad: torch.Tensor) -> bool:
     return bool(grad_loss == 1)
 
 
+def refuse_double_backward() -> None:
+    """Backward with create_graph=True (grad mode on inside backward) would
+    build a graph of the gradient formed in forward, a constant: a second
+    derivative through it would silently lack its terms. Refused instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "kdfused: the loss cannot be differentiated twice (backward with "
+            "create_graph=True): its gradient is formed in the forward pass as a constant. "
+            "For higher-order gradients use the pure-PyTorch kdfused.reference losses."
+        )
+
+
 def scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """grad times the upstream gradient (a scalar, or one value per row of
     grad), formed in float32 and rounded to grad's dtype once: the scale is
@@ -132,9 +152,10 @@ class _FusedDistillFunction(torch.autograd.Function):
         reduction,
         ignore_index,
         scale_by_t2,
+        num_items,
         compute_grad,
     ):
-        denom = counted_rows(labels, student.shape[0], ignore_index, student.device)
+        denom = counted_rows(labels, student.shape[0], ignore_index, student.device, num_items)
         grad_scale = denom.reciprocal() if reduction == "batchmean" else None
         hard, soft, grad = ops.distill_forward(
             student,
@@ -157,8 +178,9 @@ class _FusedDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):
+        refuse_double_backward()
         (grad,) = ctx.saved_tensors
-        none = (None,) * 10
+        none = (None,) * 11
         if ctx.reduction != "none" and upstream_is_one(grad_loss, grad):
             return (grad,) + none
         return (scaled(grad, grad_loss),) + none
@@ -177,6 +199,8 @@ def fused_distill_loss(
     ignore_index: int = -100,
     scale_by_t2: bool = True,
     backend: str = "auto",
+    teacher_vocab: str = "exact",
+    num_items_in_batch: int | torch.Tensor | None = None,
     return_components: bool = False,
 ):
     r"""Fused knowledge-distillation loss over logits of shape ``[..., V]``.
@@ -201,6 +225,13 @@ def fused_distill_loss(
         labels: int64 ``[...]`` class indices, or None (then ``alpha`` must be 0).
         backend: ``"auto"`` (the compiled kernel for the tensors' device, else
             the reference with a warning), ``"cpu"``, ``"cuda"`` or ``"reference"``.
+        teacher_vocab: ``"exact"`` (a teacher with more columns than the
+            student is an error) or ``"truncate"`` (its first V columns, a
+            view: for a vocabulary padded for speed).
+        num_items_in_batch: with ``"batchmean"``, divide the sum by this count
+            (an int or a 0-d tensor, never read on the host) instead of this
+            call's counted rows: the Hugging Face Trainer's convention for
+            gradient accumulation and data parallelism.
         return_components: also return the reduced, detached hard and soft terms
             as a :class:`DistillLossOutput` ``(loss, hard_loss, soft_loss)``.
 
@@ -217,8 +248,14 @@ def fused_distill_loss(
         ignore_index=ignore_index,
         scale_by_t2=scale_by_t2,
         backend=backend,
+        teacher_vocab=teacher_vocab,
     )
-    validate_tensors(student_logits, teacher_logits, labels, alpha=alpha)
+    validate_tensors(
+        student_logits, teacher_logits, labels, alpha=alpha, teacher_vocab=teacher_vocab
+    )
+    validate_num_items(num_items_in_batch, reduction)
+    vocab = student_logits.shape[-1]
+    teacher_logits = teacher_columns(teacher_logits, vocab)
     options = dict(
         temperature=float(temperature),
         alpha=float(alpha),
@@ -230,19 +267,23 @@ def fused_distill_loss(
     )
     if choose_backend(backend, student_logits.device) == "reference":
         return reference.distill_loss(
-            student_logits, teacher_logits, labels, return_components=return_components, **options
+            student_logits,
+            teacher_logits,
+            labels,
+            num_items_in_batch=num_items_in_batch,
+            return_components=return_components,
+            **options,
         )
     kernel_dtype_check("student_logits", student_logits)
     kernel_dtype_check("teacher_logits", teacher_logits)
 
-    vocab = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().reshape(-1, vocab)
     flat_labels = None if labels is None else labels.reshape(-1)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, hard, soft = _FusedDistillFunction.apply(
-        student, teacher, flat_labels, *options.values(), compute_grad
+        student, teacher, flat_labels, *options.values(), num_items_in_batch, compute_grad
     )
     if reduction == "none":
         loss, hard, soft = loss.reshape(lead), hard.reshape(lead), soft.reshape(lead)

@@ -25,12 +25,19 @@ import torch
 
 from . import ops, reference
 from ._types import DistillLossOutput
-from ._validation import validate_linear_options, validate_linear_tensors, validate_options
+from ._validation import (
+    teacher_columns,
+    validate_linear_options,
+    validate_linear_tensors,
+    validate_num_items,
+    validate_options,
+)
 from .functional import (
     choose_backend,
     combine_and_reduce,
     counted_rows,
     kernel_dtype_check,
+    refuse_double_backward,
     scaled,
     upstream_is_one,
 )
@@ -232,6 +239,7 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
         reduction,
         ignore_index,
         scale_by_t2,
+        num_items,
         s_cap,
         t_cap,
         chunk_size,
@@ -258,7 +266,7 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
             scale_by_t2=scale_by_t2,
         )
         need = (need_hidden, need_weight, need_bias)
-        denom = counted_rows(labels, n, ignore_index, s_hidden.device)
+        denom = counted_rows(labels, n, ignore_index, s_hidden.device, num_items)
         grad_scale = denom.reciprocal() if reduction == "batchmean" else None
         in_forward = need if reduction != "none" else (False, False, False)
         hard, soft, grads = _chunk_pass(
@@ -288,7 +296,8 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):
-        none = (None,) * 18
+        refuse_double_backward()
+        none = (None,) * 19
         if ctx.reduction == "none":
             s_hidden, s_weight, s_bias, labels, t_hidden, t_weight, t_bias, t_logits = (
                 ctx.saved_tensors
@@ -334,6 +343,8 @@ def fused_linear_distill_loss(
     ignore_index: int = -100,
     scale_by_t2: bool = True,
     backend: str = "auto",
+    teacher_vocab: str = "exact",
+    num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
@@ -358,6 +369,10 @@ def fused_linear_distill_loss(
         teacher_hidden, teacher_weight, teacher_bias: ``[..., Ht]``, ``[V, Ht]``,
             ``[V]``; treated as constants.
         teacher_logits: ``[..., V]``, instead of the teacher's hidden states.
+        teacher_vocab: ``"truncate"`` takes a wider teacher's first V rows of
+            its weight and bias (or columns of its logits), views, no copies.
+        num_items_in_batch: the batchmean divisor, as in
+            :func:`kdfused.fused_distill_loss`.
         chunk_size: rows per chunk; None picks it so that one chunk's buffers
             take at most 64 MiB on the CPU, 256 MiB on a GPU
             (:data:`CHUNK_BUDGET_BYTES`). The result does not depend on it
@@ -379,7 +394,8 @@ def fused_linear_distill_loss(
         ignore_index=ignore_index,
         scale_by_t2=scale_by_t2,
     )
-    validate_options(**options, backend=backend)
+    validate_options(**options, backend=backend, teacher_vocab=teacher_vocab)
+    validate_num_items(num_items_in_batch, reduction)
     validate_linear_options(
         chunk_size=chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap
     )
@@ -393,7 +409,15 @@ def fused_linear_distill_loss(
         teacher_bias=teacher_bias,
         teacher_logits=teacher_logits,
         alpha=alpha,
+        teacher_vocab=teacher_vocab,
     )
+    vocab = student_weight.shape[0]
+    if teacher_logits is not None:
+        teacher_logits = teacher_columns(teacher_logits, vocab)
+    else:
+        teacher_weight = teacher_columns(teacher_weight, vocab, dim=0)
+        if teacher_bias is not None:
+            teacher_bias = teacher_columns(teacher_bias, vocab, dim=0)
     for name, cast in (("temperature", float), ("alpha", float), ("beta", float)):
         options[name] = cast(options[name])
     options["ignore_index"] = int(ignore_index)
@@ -411,6 +435,7 @@ def fused_linear_distill_loss(
             teacher_bias=teacher_bias,
             student_bias=student_bias,
             teacher_logits=teacher_logits,
+            num_items_in_batch=num_items_in_batch,
             return_components=return_components,
             **options,
             **caps,
@@ -455,6 +480,7 @@ def fused_linear_distill_loss(
         detach(teacher_bias),
         t_logits,
         *options.values(),
+        num_items_in_batch,
         caps["student_softcap"],
         caps["teacher_softcap"],
         chunk_size,

@@ -14,7 +14,16 @@ class _DistillOptions(torch.nn.Module):
     at the first training step)."""
 
     def __init__(
-        self, temperature, alpha, divergence, beta, reduction, ignore_index, scale_by_t2, backend
+        self,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        reduction,
+        ignore_index,
+        scale_by_t2,
+        backend,
+        teacher_vocab,
     ):
         super().__init__()
         validate_options(
@@ -26,6 +35,7 @@ class _DistillOptions(torch.nn.Module):
             ignore_index=ignore_index,
             scale_by_t2=scale_by_t2,
             backend=backend,
+            teacher_vocab=teacher_vocab,
         )
         self.temperature = temperature
         self.alpha = alpha
@@ -35,6 +45,7 @@ class _DistillOptions(torch.nn.Module):
         self.ignore_index = ignore_index
         self.scale_by_t2 = scale_by_t2
         self.backend = backend
+        self.teacher_vocab = teacher_vocab
 
     def options(self) -> dict:
         return dict(
@@ -46,6 +57,7 @@ class _DistillOptions(torch.nn.Module):
             ignore_index=self.ignore_index,
             scale_by_t2=self.scale_by_t2,
             backend=self.backend,
+            teacher_vocab=self.teacher_vocab,
         )
 
     def extra_repr(self) -> str:
@@ -54,7 +66,7 @@ class _DistillOptions(torch.nn.Module):
             f"temperature={self.temperature}, alpha={self.alpha}, "
             f"divergence={self.divergence!r}{beta}, reduction={self.reduction!r}, "
             f"ignore_index={self.ignore_index}, scale_by_t2={self.scale_by_t2}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, teacher_vocab={self.teacher_vocab!r}"
         )
 
 
@@ -94,9 +106,18 @@ class FusedDistillLoss(_DistillOptions):
         ignore_index: int = -100,
         scale_by_t2: bool = True,
         backend: str = "auto",
+        teacher_vocab: str = "exact",
     ):
         super().__init__(
-            temperature, alpha, divergence, beta, reduction, ignore_index, scale_by_t2, backend
+            temperature,
+            alpha,
+            divergence,
+            beta,
+            reduction,
+            ignore_index,
+            scale_by_t2,
+            backend,
+            teacher_vocab,
         )
 
     def forward(
@@ -105,11 +126,14 @@ class FusedDistillLoss(_DistillOptions):
         teacher_logits: torch.Tensor,
         labels: torch.Tensor | None = None,
         return_components: bool = False,
+        *,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ):
         return fused_distill_loss(
             student_logits,
             teacher_logits,
             labels,
+            num_items_in_batch=num_items_in_batch,
             return_components=return_components,
             **self.options(),
         )
@@ -147,12 +171,21 @@ class FusedLinearDistillLoss(_DistillOptions):
         ignore_index: int = -100,
         scale_by_t2: bool = True,
         backend: str = "auto",
+        teacher_vocab: str = "exact",
         chunk_size: int | None = None,
         student_softcap: float | None = None,
         teacher_softcap: float | None = None,
     ):
         super().__init__(
-            temperature, alpha, divergence, beta, reduction, ignore_index, scale_by_t2, backend
+            temperature,
+            alpha,
+            divergence,
+            beta,
+            reduction,
+            ignore_index,
+            scale_by_t2,
+            backend,
+            teacher_vocab,
         )
         validate_linear_options(
             chunk_size=chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap
@@ -172,6 +205,7 @@ class FusedLinearDistillLoss(_DistillOptions):
         teacher_bias: torch.Tensor | None = None,
         *,
         teacher_logits: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         return_components: bool = False,
     ):
         return fused_linear_distill_loss(
@@ -186,6 +220,7 @@ class FusedLinearDistillLoss(_DistillOptions):
             chunk_size=self.chunk_size,
             student_softcap=self.student_softcap,
             teacher_softcap=self.teacher_softcap,
+            num_items_in_batch=num_items_in_batch,
             return_components=return_components,
             **self.options(),
         )

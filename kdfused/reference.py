@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from ._types import DistillLossOutput
 from ._validation import (
     check_label_range,
+    teacher_columns,
     validate_linear_options,
     validate_linear_tensors,
+    validate_num_items,
     validate_options,
     validate_tensors,
 )
@@ -66,9 +68,11 @@ def distill_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     scale_by_t2: bool = True,
+    teacher_vocab: str = "exact",
+    num_items_in_batch: int | torch.Tensor | None = None,
     return_components: bool = False,
 ):
-    """The distillation loss of DESIGN.md section 1, in plain PyTorch.
+    """The distillation loss of DESIGN.md sections 1 and 8, in plain PyTorch.
 
     Per row i (leading dims flattened), with p_s = softmax(s_i / T),
     p_t = softmax(t_i / T):
@@ -89,9 +93,14 @@ def distill_loss(
         ignore_index=ignore_index,
         scale_by_t2=scale_by_t2,
         backend="reference",
+        teacher_vocab=teacher_vocab,
     )
-    validate_tensors(student_logits, teacher_logits, labels, alpha=alpha)
+    validate_tensors(
+        student_logits, teacher_logits, labels, alpha=alpha, teacher_vocab=teacher_vocab
+    )
+    validate_num_items(num_items_in_batch, reduction)
     vocab = student_logits.shape[-1]
+    teacher_logits = teacher_columns(teacher_logits, vocab)
     lead = student_logits.shape[:-1]
     work = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     out_dtype = torch.float64 if work == torch.float64 else torch.float32
@@ -126,7 +135,11 @@ def distill_loss(
         total = rows.sum()
         if reduction == "sum":
             return total
-        return total / counted.sum().clamp(min=1).to(out_dtype)
+        if num_items_in_batch is not None:
+            count = torch.as_tensor(num_items_in_batch, device=s.device).to(out_dtype)
+        else:
+            count = counted.sum().to(out_dtype)
+        return total / count.clamp(min=1)
 
     if not return_components:
         return reduce(loss)
@@ -154,6 +167,8 @@ def fused_linear_distill_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     scale_by_t2: bool = True,
+    teacher_vocab: str = "exact",
+    num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
@@ -176,7 +191,12 @@ def fused_linear_distill_loss(
         teacher_bias=teacher_bias,
         teacher_logits=teacher_logits,
         alpha=alpha,
+        teacher_vocab=teacher_vocab,
     )
+    if teacher_weight is not None:
+        teacher_weight = teacher_columns(teacher_weight, student_weight.shape[0], dim=0)
+        if teacher_bias is not None:
+            teacher_bias = teacher_columns(teacher_bias, student_weight.shape[0], dim=0)
     s = _softcapped(F.linear(student_hidden, student_weight, student_bias), student_softcap)
     if teacher_logits is None:
         with torch.no_grad():
@@ -193,5 +213,7 @@ def fused_linear_distill_loss(
         reduction=reduction,
         ignore_index=ignore_index,
         scale_by_t2=scale_by_t2,
+        teacher_vocab=teacher_vocab,
+        num_items_in_batch=num_items_in_batch,
         return_components=return_components,
     )

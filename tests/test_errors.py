@@ -17,10 +17,54 @@ BAD_CALLS = [
     # (description, args, kwargs, exception, message pattern)
     (
         "shape mismatch",
-        (S, T[..., :9], Y),
+        (S, T[:, :2], Y),
         {},
         ValueError,
-        r"same shape.*\(2, 3, 10\).*\(2, 3, 9\)",
+        r"same shape.*\(2, 3, 10\).*\(2, 2, 10\)",
+    ),
+    (
+        "narrower teacher",
+        (S, T[..., :9], Y),
+        {"teacher_vocab": "truncate"},
+        ValueError,
+        r"vocabularies differ: student_logits \(2, 3, 10\) and teacher_logits \(2, 3, 9\), "
+        r"V = 10 for the student and 9 for the teacher \(a narrower teacher cannot be truncated\)",
+    ),
+    (
+        "wider teacher",
+        (S, torch.cat([T, T[..., :2]], -1), Y),
+        {},
+        ValueError,
+        r"V = 10 for the student and 12 for the teacher: pass teacher_vocab='truncate'",
+    ),
+    ("teacher_vocab", (S, T, Y), {"teacher_vocab": "pad"}, ValueError, r"teacher_vocab must be"),
+    (
+        "num_items float",
+        (S, T, Y),
+        {"num_items_in_batch": 3.0},
+        TypeError,
+        r"num_items_in_batch must be an int or a 0-d tensor, got float",
+    ),
+    (
+        "num_items negative",
+        (S, T, Y),
+        {"num_items_in_batch": -1},
+        ValueError,
+        r"num_items_in_batch must be >= 0, got -1",
+    ),
+    (
+        "num_items shape",
+        (S, T, Y),
+        {"num_items_in_batch": torch.tensor([3])},
+        ValueError,
+        r"0-d real tensor, got a tensor of shape \(1,\)",
+    ),
+    (
+        "num_items reduction",
+        (S, T, Y),
+        {"num_items_in_batch": 3, "reduction": "sum"},
+        ValueError,
+        r"num_items_in_batch replaces the batchmean divisor.*reduction='sum'",
     ),
     (
         "labels shape",
