@@ -255,6 +255,7 @@ def run(args) -> list[dict]:
 COLUMNS = ["provider", "mode", "n", "hs", "ht", "v", "ms", "vs_matmuls", "peak_mib"]
 COLUMNS += ["beyond_grads_nv"]
 META = ["device", "torch", "commit", "date", "dtype", "divergence", "temperature", "alpha"]
+META += ["label_smoothing", "teacher_vocab"]
 
 
 def markdown(rows: list[dict]) -> str:

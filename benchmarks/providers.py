@@ -26,6 +26,8 @@ class LossOptions:
     divergence: str = "forward_kl"
     beta: float = 0.5
     ignore_index: int = -100
+    label_smoothing: float = 0.0
+    teacher_vocab: str = "exact"  # "truncate": the teacher's logits may be wider
 
 
 def plain_loss(student, teacher, labels, opts: LossOptions):
@@ -33,9 +35,12 @@ def plain_loss(student, teacher, labels, opts: LossOptions):
     F.kl_div per row, cross-entropy, masked mean over the counted rows."""
     t_ = opts.temperature
     wide = torch.promote_types(student.dtype, torch.float32)  # float32, or float64 kept
+    teacher = teacher[..., : student.shape[-1]]  # a padded teacher's first V columns
     s32, t32 = student.to(wide), teacher.to(wide)
     counted = labels != opts.ignore_index
-    hard = F.cross_entropy(s32, labels, ignore_index=opts.ignore_index)
+    hard = F.cross_entropy(
+        s32, labels, ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing
+    )
     log_ps = F.log_softmax(s32 / t_, dim=-1)
     log_pt = F.log_softmax(t32 / t_, dim=-1)
 
@@ -75,10 +80,13 @@ def _liger(opts: LossOptions):
     t_ = opts.temperature
 
     def loss(s, t, y):
+        t = t[..., : s.shape[-1]]
         log_ps = F.log_softmax(s / t_, dim=-1, dtype=torch.float32)
         log_pt = F.log_softmax(t / t_, dim=-1, dtype=torch.float32)
         soft = liger_jsd(log_ps, log_pt, shift_labels=y, beta=beta, ignore_index=opts.ignore_index)
-        hard = liger_cross_entropy(s, y, ignore_index=opts.ignore_index)
+        hard = liger_cross_entropy(
+            s, y, ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing
+        )
         return opts.alpha * hard.float() + (1 - opts.alpha) * t_**2 * soft.float()
 
     return loss

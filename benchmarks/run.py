@@ -119,10 +119,12 @@ def copy_bandwidth(n: int, v: int, dtype, device: str, reps: int) -> float:
     return 2 * src.numel() * src.element_size() / t
 
 
-def make_inputs(n, v, dtype, device, seed=0):
+def make_inputs(n, v, dtype, device, seed=0, teacher_pad=0):
+    """(student, teacher, labels); teacher_pad > 0 gives the teacher that many
+    more columns (a padded vocabulary), for teacher_vocab="truncate"."""
     g = torch.Generator(device=device).manual_seed(seed)
     student = torch.randn(n, v, generator=g, device=device, dtype=dtype).mul_(3)
-    teacher = torch.randn(n, v, generator=g, device=device, dtype=dtype).mul_(3)
+    teacher = torch.randn(n, v + teacher_pad, generator=g, device=device, dtype=dtype).mul_(3)
     labels = torch.randint(0, v, (n,), generator=g, device=device)
     labels[::7] = -100  # some ignored rows, as with padding
     return student, teacher, labels
@@ -193,6 +195,8 @@ def conditions(device: str, dtype: str, opts: LossOptions) -> dict:
         dtype=dtype,
         temperature=opts.temperature,
         alpha=opts.alpha,
+        label_smoothing=opts.label_smoothing,
+        teacher_vocab=opts.teacher_vocab,
     )
 
 
@@ -216,11 +220,17 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 def run(args) -> list[dict]:
     device, dtype = args.device, DTYPES[args.dtype]
-    opts = LossOptions(temperature=args.temperature, alpha=args.alpha, beta=args.beta)
+    opts = LossOptions(
+        temperature=args.temperature,
+        alpha=args.alpha,
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        teacher_vocab="truncate" if args.teacher_pad else "exact",
+    )
     meta = conditions(device, args.dtype, opts)
     rows = []
     for n, v in parse_sizes(args.sizes):
-        inputs = make_inputs(n, v, dtype, device)
+        inputs = make_inputs(n, v, dtype, device, teacher_pad=args.teacher_pad)
         elem = inputs[0].element_size()
         copy_bw = copy_bandwidth(n, v, dtype, device, max(args.reps, 3))
         for name in args.providers.split(","):
@@ -276,6 +286,7 @@ def run(args) -> list[dict]:
 
 COLUMNS = ["provider", "mode", "n", "v", "ms", "peak_mib", "peak_nv", "floor_gbps", "pct_of_copy"]
 META = ["device", "torch", "commit", "date", "dtype", "divergence", "temperature", "alpha"]
+META += ["label_smoothing", "teacher_vocab"]
 FIELDS = META + COLUMNS + ["copy_gbps"]
 
 
@@ -316,6 +327,13 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument(
+        "--teacher-pad",
+        type=int,
+        default=0,
+        help="give the teacher this many more columns (kdfused: teacher_vocab='truncate')",
+    )
     parser.add_argument(
         "--interleave",
         action="store_true",

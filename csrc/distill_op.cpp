@@ -48,7 +48,7 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
                                const std::optional<at::Tensor>& grad_scale, double temperature,
                                double alpha, c10::string_view divergence, double beta,
                                int64_t ignore_index, bool scale_by_t2,
-                               c10::DeviceType kernel_device) {
+                               c10::DeviceType kernel_device, double label_smoothing) {
   TORCH_CHECK_VALUE(student.dim() == 2, "kdfused: student logits must be [N, V], got shape ",
                     text(student.sizes()));
   TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(),
@@ -72,6 +72,8 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
   TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "kdfused: alpha must lie in [0, 1], got ",
                     text(alpha));
   TORCH_CHECK_VALUE(beta > 0.0 && beta < 1.0, "kdfused: beta must lie in (0, 1), got ", text(beta));
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "kdfused: label_smoothing must lie in [0, 1], got ", text(label_smoothing));
 
   DistillProblem prob;
   prob.n = student.size(0);
@@ -115,6 +117,9 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
   p.has_labels = labels.has_value();
   p.t_is_2 = temperature == 2.0;
   p.t_is_1 = temperature == 1.0;
+  p.label_weight = static_cast<float>(1.0 - label_smoothing);
+  p.smooth_weight = static_cast<float>(label_smoothing / static_cast<double>(prob.v));
+  p.smoothing = label_smoothing > 0.0;
   return prob;
 }
 

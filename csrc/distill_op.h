@@ -36,15 +36,15 @@ std::string text(const at::Tensor& t);  // "shape [2, 3], dtype Float, device cp
 constexpr const char* kDistillForwardSchema =
     "distill_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? grad_scale, "
     "float temperature, float alpha, str divergence, float beta, int ignore_index, "
-    "bool scale_by_t2, bool compute_grad) -> (Tensor, Tensor, Tensor)";
+    "bool scale_by_t2, bool compute_grad, float label_smoothing=0.0) -> (Tensor, Tensor, Tensor)";
 constexpr const char* kDistillForwardInplaceSchema =
     "distill_forward_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, "
     "Tensor? grad_scale, float temperature, float alpha, str divergence, float beta, "
-    "int ignore_index, bool scale_by_t2) -> (Tensor, Tensor)";
+    "int ignore_index, bool scale_by_t2, float label_smoothing=0.0) -> (Tensor, Tensor)";
 constexpr const char* kDistillForwardOutSchema =
     "distill_forward_out(Tensor student, Tensor teacher, Tensor? labels, Tensor? grad_scale, "
     "float temperature, float alpha, str divergence, float beta, int ignore_index, "
-    "bool scale_by_t2, Tensor(a!) grad) -> (Tensor, Tensor)";
+    "bool scale_by_t2, Tensor(a!) grad, float label_smoothing=0.0) -> (Tensor, Tensor)";
 
 // A validated problem: [N, V] logits whose last dim is contiguous (row stride
 // free), [N] contiguous int64 labels, and the folded options.
@@ -66,7 +66,7 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
                                const std::optional<at::Tensor>& grad_scale, double temperature,
                                double alpha, c10::string_view divergence, double beta,
                                int64_t ignore_index, bool scale_by_t2,
-                               c10::DeviceType kernel_device);
+                               c10::DeviceType kernel_device, double label_smoothing);
 
 // hard_rows, soft_rows (float32 [N]) and the gradient (student dtype [N, V], or
 // [0] when compute_grad is false: no N x V buffer is allocated then).
@@ -93,26 +93,30 @@ DistillResult allocate_outputs(const DistillProblem& prob, bool compute_grad,
       const std::optional<at::Tensor>&grad_scale, double temperature, double alpha,             \
       c10::string_view divergence, double beta, int64_t ignore_index, bool scale_by_t2
 
-DistillResult distill_cpu(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out);
+DistillResult distill_cpu(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out,
+                          double label_smoothing);
 // The same arguments with the student mutable (distill_forward_inplace).
 #define KDFUSED_KERNEL_ARGS_MUTABLE                                                       \
   at::Tensor &student, const at::Tensor &teacher, const std::optional<at::Tensor>&labels, \
       const std::optional<at::Tensor>&grad_scale, double temperature, double alpha,       \
       c10::string_view divergence, double beta, int64_t ignore_index, bool scale_by_t2
-std::tuple<at::Tensor, at::Tensor> distill_forward_inplace_cpu(KDFUSED_KERNEL_ARGS_MUTABLE);
-DistillResult distill_cuda(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out);
+std::tuple<at::Tensor, at::Tensor> distill_forward_inplace_cpu(KDFUSED_KERNEL_ARGS_MUTABLE,
+                                                               double label_smoothing);
+DistillResult distill_cuda(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out,
+                           double label_smoothing);
 
 // The two ops over one device's kernel (registration.cpp, tests/emulator/).
-template <DistillResult (*Kernel)(KDFUSED_KERNEL_ARGS, bool, const at::Tensor*)>
-DistillResult distill_forward_op(KDFUSED_KERNEL_ARGS, bool compute_grad) {
+template <DistillResult (*Kernel)(KDFUSED_KERNEL_ARGS, bool, const at::Tensor*, double)>
+DistillResult distill_forward_op(KDFUSED_KERNEL_ARGS, bool compute_grad, double label_smoothing) {
   return Kernel(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
-                ignore_index, scale_by_t2, compute_grad, nullptr);
+                ignore_index, scale_by_t2, compute_grad, nullptr, label_smoothing);
 }
 
-template <DistillResult (*Kernel)(KDFUSED_KERNEL_ARGS, bool, const at::Tensor*)>
-std::tuple<at::Tensor, at::Tensor> distill_forward_out_op(KDFUSED_KERNEL_ARGS, at::Tensor& grad) {
+template <DistillResult (*Kernel)(KDFUSED_KERNEL_ARGS, bool, const at::Tensor*, double)>
+std::tuple<at::Tensor, at::Tensor> distill_forward_out_op(KDFUSED_KERNEL_ARGS, at::Tensor& grad,
+                                                          double label_smoothing) {
   auto result = Kernel(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
-                       ignore_index, scale_by_t2, true, &grad);
+                       ignore_index, scale_by_t2, true, &grad, label_smoothing);
   return {std::get<0>(result), std::get<1>(result)};
 }
 

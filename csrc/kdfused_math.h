@@ -39,6 +39,12 @@ struct LossParams {
   bool has_labels;
   bool t_is_2;  // T == 2 exactly (the common default): exp(x) = exp(x / T)^2
   bool t_is_1;  // T == 1 exactly: softmax(s / T) is softmax(s)
+  // Label smoothing eps of the hard term (F.cross_entropy's): the target is
+  // (1 - eps) onehot(y) + eps / V, so hard_i = (1 - eps) (-log q_y) +
+  // (eps / V) sum_v (-log q_v). label_weight = 1 - eps, smooth_weight = eps / V.
+  float label_weight;
+  float smooth_weight;
+  bool smoothing;  // eps > 0
 };
 
 // How pass 1 forms the T = 1 sum z1 of the hard term: not at all (no labels,
@@ -361,6 +367,7 @@ struct RowConsts {
   float div;             // D_i: known after pass 1 for the KLs, after jsd_finish for JSD
   float kl_sm;           // JSD only: KL(p_s || m)
   float q_per_ps2;       // T = 2: softmax(s) = p_s^2 zs^2 / z1
+  float sum_below;       // label smoothing only: sum_v (s_v - ms) (smooth_sum)
 };
 
 C10_HOST_DEVICE inline RowConsts row_consts(const RowStats& st, const LossParams& p) {
@@ -374,6 +381,7 @@ C10_HOST_DEVICE inline RowConsts row_consts(const RowStats& st, const LossParams
   c.mean_rs = st.ws / st.zs * p.inv_t;
   c.kl_sm = 0.f;
   c.q_per_ps2 = (st.zs / st.z1) * st.zs;
+  c.sum_below = 0.f;
   const float lz = c.log_zs - c.log_zt;
   if (p.div == Divergence::kForwardKL) {
     c.div = st.wt / st.zt * p.inv_t + lz;
@@ -456,9 +464,16 @@ C10_HOST_DEVICE inline void jsd_finish(RowConsts& c, const JsdSums& acc, const L
 
 // hard_i = -log softmax(s)[y] = (ms - s[y]) + log z1: the difference first, so
 // that logits of magnitude 1e4 lose nothing to the rounding of ms + log z1.
-C10_HOST_DEVICE inline float hard_loss(float s_label, const RowConsts& c) {
-  return (c.ms - s_label) + c.log_z1;
+// With label smoothing, (1 - eps) of that and eps of the mean of -log q_v,
+// (eps / V) sum_v (ms - s_v) + eps log z1: (1 - eps) (ms - s[y]) - (eps / V)
+// sum_below + log z1 (without smoothing exactly the first form: 1 x - 0).
+C10_HOST_DEVICE inline float hard_loss(float s_label, const RowConsts& c, const LossParams& p) {
+  return (p.label_weight * (c.ms - s_label) - weighted(p.smooth_weight, c.sum_below)) + c.log_z1;
 }
+
+// What one logit adds to sum_below (smoothing's row sum): s - ms, -inf for a
+// masked one (the smoothed loss is then inf, as F.cross_entropy's).
+KDFUSED_HOT float smooth_term(float s, float ms) { return below(s, ms); }
 
 // T = 2: softmax(s) = p_s^2 zs^2 / z1 (one exp fewer), as p_s * (p_s * zs^2 / z1)
 // so that it underflows no sooner than exp would.
@@ -468,12 +483,16 @@ KDFUSED_HOT float softmax_from_ps(float ps, const RowConsts& c) { return ps * (p
 // (1 / counted rows for batchmean) folded in, so that it costs an element no
 // multiply: g_i = hard * (q - onehot(y)) + soft * T dD/ds.
 struct GradCoefs {
-  float hard;  // grad_scale * alpha
-  float soft;  // grad_scale * (1 - alpha) * soft_scale / T
+  float hard;    // grad_scale * alpha
+  float soft;    // grad_scale * (1 - alpha) * soft_scale / T
+  float smooth;  // hard * eps / V: label smoothing's share of every element
+  float label;   // 1 - eps: the label's own share of its onehot
 };
 
 C10_HOST_DEVICE inline GradCoefs grad_coefs(const LossParams& p, float grad_scale) {
-  return GradCoefs{grad_scale * p.alpha, grad_scale * (p.soft_coef * p.inv_t)};
+  const float hard = grad_scale * p.alpha;
+  return GradCoefs{hard, grad_scale * (p.soft_coef * p.inv_t), hard * p.smooth_weight,
+                   p.label_weight};
 }
 
 // Where the gradient's hard term takes q = softmax(s) from, when the soft
@@ -485,8 +504,9 @@ enum class HardQ : int32_t { kExp, kPs, kPsSquared };
 // dd = T dD/ds: k.hard * (q - onehot(y)) + k.soft * dd with q = softmax(s),
 // taken as kQ says (from p_s only with a soft term). kHard / kSoft: the hard /
 // soft term has a weight; a term whose weight is 0 is skipped, so it cannot
-// turn a finite gradient NaN.
-template <bool kHard, bool kSoft, HardQ kQ>
+// turn a finite gradient NaN. kSmooth: label smoothing, whose target is
+// (1 - eps) onehot(y) + eps / V: k.hard (q - k.label onehot(y)) - k.smooth.
+template <bool kHard, bool kSoft, HardQ kQ, bool kSmooth = false>
 KDFUSED_HOT float combine_grad(float s, float ps, float dd, bool is_label, const RowConsts& c,
                                const GradCoefs& k) {
   constexpr bool kFromPs = kHard && kSoft && kQ != HardQ::kExp;
@@ -501,15 +521,16 @@ KDFUSED_HOT float combine_grad(float s, float ps, float dd, bool is_label, const
     const float q = !kFromPs                  ? exp_affine(s - c.ms, 1.f, c.log_z1)
                     : kQ == HardQ::kPsSquared ? softmax_from_ps(ps, c)
                                               : ps;
-    g = k.hard * (q - (is_label ? 1.f : 0.f));
+    g = k.hard * (q - (is_label ? (kSmooth ? k.label : 1.f) : 0.f));
   }
+  if (kHard && kSmooth) g -= k.smooth;
   if (kSoft) g += k.soft * dd;
   return g;
 }
 
 // grad_scale * d loss_i / d s_iv for one element, for a divergence D known at
 // compile time, given p_s and p_t (p_t unused by reverse KL).
-template <Divergence D, bool kHard, bool kSoft, HardQ kQ = HardQ::kExp>
+template <Divergence D, bool kHard, bool kSoft, HardQ kQ = HardQ::kExp, bool kSmooth = false>
 KDFUSED_HOT float grad_from_probs(float s, float t, float ps, float pt, bool is_label,
                                   const RowConsts& c, const LossParams& p, const GradCoefs& k) {
   float dd = 0.f;
@@ -523,16 +544,16 @@ KDFUSED_HOT float grad_from_probs(float s, float t, float ps, float pt, bool is_
       dd = jsd_grad(ps, log_ps(s, c, p) - log_mix(pt, ps, p), c, p);
     }
   }
-  return combine_grad<kHard, kSoft, kQ>(s, ps, dd, is_label, c, k);
+  return combine_grad<kHard, kSoft, kQ, kSmooth>(s, ps, dd, is_label, c, k);
 }
 
 // The same, computing p_s and p_t (what the soft term needs of them) itself.
-template <Divergence D, bool kHard, bool kSoft, HardQ kQ = HardQ::kExp>
+template <Divergence D, bool kHard, bool kSoft, HardQ kQ = HardQ::kExp, bool kSmooth = false>
 KDFUSED_HOT float grad_element_as(float s, float t, bool is_label, const RowConsts& c,
                                   const LossParams& p, const GradCoefs& k) {
   const float ps = kSoft ? prob_s(s, c, p) : 0.f;
   const float pt = kSoft && D != Divergence::kReverseKL ? prob_t(t, c, p) : 0.f;
-  return grad_from_probs<D, kHard, kSoft, kQ>(s, t, ps, pt, is_label, c, p, k);
+  return grad_from_probs<D, kHard, kSoft, kQ, kSmooth>(s, t, ps, pt, is_label, c, p, k);
 }
 
 // Calls f(std::integral_constant<Divergence, D>) for the run-time divergence.
@@ -547,28 +568,34 @@ C10_HOST_DEVICE inline decltype(auto) with_divergence(Divergence d, F&& f) {
 
 // One of grad_element_as's instantiations, as a type a kernel can carry into
 // its loops (so that they test the divergence and the term weights once per row).
-template <Divergence D, bool kHard, bool kSoft, HardQ kQ>
+template <Divergence D, bool kHard, bool kSoft, HardQ kQ, bool kSmooth = false>
 struct GradVariant {
   static constexpr Divergence kDivergence = D;
-  static constexpr bool kHasHard = kHard, kHasSoft = kSoft;
+  static constexpr bool kHasHard = kHard, kHasSoft = kSoft, kSmoothed = kSmooth;
   static constexpr HardQ kHardQ = kQ;
   KDFUSED_HOT static float element(float s, float t, bool is_label, const RowConsts& c,
                                    const LossParams& p, const GradCoefs& k) {
-    return grad_element_as<D, kHard, kSoft, kQ>(s, t, is_label, c, p, k);
+    return grad_element_as<D, kHard, kSoft, kQ, kSmooth>(s, t, is_label, c, p, k);
   }
 };
 
-// Calls f(GradVariant<...>{}) for the run-time divergence and term weights.
+// Calls f(GradVariant<...>{}) for the run-time divergence and term weights
+// (and label smoothing, which matters only with a hard term).
 template <typename F>
 C10_HOST_DEVICE inline decltype(auto) with_grad_variant(const LossParams& p, F&& f) {
   const bool hard = p.has_labels && p.alpha != 0.f;
   const bool soft = p.soft_coef != 0.f;
   return with_divergence(p.div, [&](auto d) {
     constexpr Divergence D = decltype(d)::value;
-    if (hard && soft && p.t_is_2) return f(GradVariant<D, true, true, HardQ::kPsSquared>{});
-    if (hard && soft && p.t_is_1) return f(GradVariant<D, true, true, HardQ::kPs>{});
-    if (hard && soft) return f(GradVariant<D, true, true, HardQ::kExp>{});
-    if (hard) return f(GradVariant<D, true, false, HardQ::kExp>{});
+    const auto hard_variant = [&](auto smooth) {
+      constexpr bool S = decltype(smooth)::value;
+      if (soft && p.t_is_2) return f(GradVariant<D, true, true, HardQ::kPsSquared, S>{});
+      if (soft && p.t_is_1) return f(GradVariant<D, true, true, HardQ::kPs, S>{});
+      if (soft) return f(GradVariant<D, true, true, HardQ::kExp, S>{});
+      return f(GradVariant<D, true, false, HardQ::kExp, S>{});
+    };
+    if (hard && p.smoothing) return hard_variant(std::true_type{});
+    if (hard) return hard_variant(std::false_type{});
     if (soft) return f(GradVariant<D, false, true, HardQ::kExp>{});
     return f(GradVariant<D, false, false, HardQ::kExp>{});  // neither term: 0
   });

@@ -42,6 +42,7 @@ def validate_options(
     scale_by_t2,
     backend,
     teacher_vocab="exact",
+    label_smoothing=0.0,
 ) -> None:
     """Checks the option values alone (no tensors): raises ValueError/TypeError."""
     t = _check_real("temperature", temperature)
@@ -53,6 +54,9 @@ def validate_options(
     b = _check_real("beta", beta)
     if not 0.0 < b < 1.0:
         raise ValueError(f"beta must lie strictly in (0, 1), got {beta!r}")
+    ls = _check_real("label_smoothing", label_smoothing)
+    if not 0.0 <= ls <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
     _check_choice("divergence", divergence, DIVERGENCES)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("backend", backend, BACKENDS)

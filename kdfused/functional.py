@@ -152,6 +152,7 @@ class _FusedDistillFunction(torch.autograd.Function):
         reduction,
         ignore_index,
         scale_by_t2,
+        label_smoothing,
         num_items,
         compute_grad,
     ):
@@ -169,6 +170,7 @@ class _FusedDistillFunction(torch.autograd.Function):
             ignore_index=ignore_index,
             scale_by_t2=scale_by_t2,
             compute_grad=compute_grad,
+            label_smoothing=label_smoothing,
         )
         loss, hard, soft = combine_and_reduce(hard, soft, alpha, reduction, denom)
         ctx.mark_non_differentiable(hard, soft)
@@ -180,7 +182,7 @@ class _FusedDistillFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):
         refuse_double_backward()
         (grad,) = ctx.saved_tensors
-        none = (None,) * 11
+        none = (None,) * 12
         if ctx.reduction != "none" and upstream_is_one(grad_loss, grad):
             return (grad,) + none
         return (scaled(grad, grad_loss),) + none
@@ -198,6 +200,7 @@ def fused_distill_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     scale_by_t2: bool = True,
+    label_smoothing: float = 0.0,
     backend: str = "auto",
     teacher_vocab: str = "exact",
     num_items_in_batch: int | torch.Tensor | None = None,
@@ -225,6 +228,8 @@ def fused_distill_loss(
         labels: int64 ``[...]`` class indices, or None (then ``alpha`` must be 0).
         backend: ``"auto"`` (the compiled kernel for the tensors' device, else
             the reference with a warning), ``"cpu"``, ``"cuda"`` or ``"reference"``.
+        label_smoothing: the hard term's, as ``F.cross_entropy``'s: the
+            target is (1 - eps) onehot(y) + eps / V.
         teacher_vocab: ``"exact"`` (a teacher with more columns than the
             student is an error) or ``"truncate"`` (its first V columns, a
             view: for a vocabulary padded for speed).
@@ -249,6 +254,7 @@ def fused_distill_loss(
         scale_by_t2=scale_by_t2,
         backend=backend,
         teacher_vocab=teacher_vocab,
+        label_smoothing=label_smoothing,
     )
     validate_tensors(
         student_logits, teacher_logits, labels, alpha=alpha, teacher_vocab=teacher_vocab
@@ -264,6 +270,7 @@ def fused_distill_loss(
         reduction=reduction,
         ignore_index=int(ignore_index),
         scale_by_t2=scale_by_t2,
+        label_smoothing=float(label_smoothing),
     )
     if choose_backend(backend, student_logits.device) == "reference":
         return reference.distill_loss(

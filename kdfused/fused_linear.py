@@ -239,6 +239,7 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
         reduction,
         ignore_index,
         scale_by_t2,
+        label_smoothing,
         num_items,
         s_cap,
         t_cap,
@@ -264,6 +265,7 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
             beta=beta,
             ignore_index=ignore_index,
             scale_by_t2=scale_by_t2,
+            label_smoothing=label_smoothing,
         )
         need = (need_hidden, need_weight, need_bias)
         denom = counted_rows(labels, n, ignore_index, s_hidden.device, num_items)
@@ -297,7 +299,7 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):
         refuse_double_backward()
-        none = (None,) * 19
+        none = (None,) * 20
         if ctx.reduction == "none":
             s_hidden, s_weight, s_bias, labels, t_hidden, t_weight, t_bias, t_logits = (
                 ctx.saved_tensors
@@ -342,6 +344,7 @@ def fused_linear_distill_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     scale_by_t2: bool = True,
+    label_smoothing: float = 0.0,
     backend: str = "auto",
     teacher_vocab: str = "exact",
     num_items_in_batch: int | torch.Tensor | None = None,
@@ -393,6 +396,7 @@ def fused_linear_distill_loss(
         reduction=reduction,
         ignore_index=ignore_index,
         scale_by_t2=scale_by_t2,
+        label_smoothing=label_smoothing,
     )
     validate_options(**options, backend=backend, teacher_vocab=teacher_vocab)
     validate_num_items(num_items_in_batch, reduction)
@@ -418,7 +422,12 @@ def fused_linear_distill_loss(
         teacher_weight = teacher_columns(teacher_weight, vocab, dim=0)
         if teacher_bias is not None:
             teacher_bias = teacher_columns(teacher_bias, vocab, dim=0)
-    for name, cast in (("temperature", float), ("alpha", float), ("beta", float)):
+    for name, cast in (
+        ("temperature", float),
+        ("alpha", float),
+        ("beta", float),
+        ("label_smoothing", float),
+    ):
         options[name] = cast(options[name])
     options["ignore_index"] = int(ignore_index)
     caps = dict(

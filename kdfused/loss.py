@@ -24,6 +24,7 @@ class _DistillOptions(torch.nn.Module):
         scale_by_t2,
         backend,
         teacher_vocab,
+        label_smoothing,
     ):
         super().__init__()
         validate_options(
@@ -36,6 +37,7 @@ class _DistillOptions(torch.nn.Module):
             scale_by_t2=scale_by_t2,
             backend=backend,
             teacher_vocab=teacher_vocab,
+            label_smoothing=label_smoothing,
         )
         self.temperature = temperature
         self.alpha = alpha
@@ -46,6 +48,7 @@ class _DistillOptions(torch.nn.Module):
         self.scale_by_t2 = scale_by_t2
         self.backend = backend
         self.teacher_vocab = teacher_vocab
+        self.label_smoothing = label_smoothing
 
     def options(self) -> dict:
         return dict(
@@ -58,6 +61,7 @@ class _DistillOptions(torch.nn.Module):
             scale_by_t2=self.scale_by_t2,
             backend=self.backend,
             teacher_vocab=self.teacher_vocab,
+            label_smoothing=self.label_smoothing,
         )
 
     def extra_repr(self) -> str:
@@ -66,7 +70,8 @@ class _DistillOptions(torch.nn.Module):
             f"temperature={self.temperature}, alpha={self.alpha}, "
             f"divergence={self.divergence!r}{beta}, reduction={self.reduction!r}, "
             f"ignore_index={self.ignore_index}, scale_by_t2={self.scale_by_t2}, "
-            f"backend={self.backend!r}, teacher_vocab={self.teacher_vocab!r}"
+            f"backend={self.backend!r}, teacher_vocab={self.teacher_vocab!r}, "
+            f"label_smoothing={self.label_smoothing}"
         )
 
 
@@ -107,6 +112,7 @@ class FusedDistillLoss(_DistillOptions):
         scale_by_t2: bool = True,
         backend: str = "auto",
         teacher_vocab: str = "exact",
+        label_smoothing: float = 0.0,
     ):
         super().__init__(
             temperature,
@@ -118,6 +124,7 @@ class FusedDistillLoss(_DistillOptions):
             scale_by_t2,
             backend,
             teacher_vocab,
+            label_smoothing,
         )
 
     def forward(
@@ -172,6 +179,7 @@ class FusedLinearDistillLoss(_DistillOptions):
         scale_by_t2: bool = True,
         backend: str = "auto",
         teacher_vocab: str = "exact",
+        label_smoothing: float = 0.0,
         chunk_size: int | None = None,
         student_softcap: float | None = None,
         teacher_softcap: float | None = None,
@@ -186,6 +194,7 @@ class FusedLinearDistillLoss(_DistillOptions):
             scale_by_t2,
             backend,
             teacher_vocab,
+            label_smoothing,
         )
         validate_linear_options(
             chunk_size=chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap

@@ -68,6 +68,7 @@ def distill_forward(
     ignore_index: int,
     scale_by_t2: bool,
     compute_grad: bool,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs the fused kernel on [N, V] logits and [N] labels.
 
@@ -78,7 +79,7 @@ def distill_forward(
     """
     scalars = _loss_scalars(temperature, alpha, divergence, beta, ignore_index, scale_by_t2)
     return torch.ops.kdfused.distill_forward.default(
-        student, teacher, labels, grad_scale, *scalars, bool(compute_grad)
+        student, teacher, labels, grad_scale, *scalars, bool(compute_grad), float(label_smoothing)
     )
 
 
@@ -95,13 +96,14 @@ def distill_forward_out(
     beta: float,
     ignore_index: int,
     scale_by_t2: bool,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """distill_forward with the gradient written into `grad` (a contiguous
     [N, V] tensor of the student's dtype, e.g. a buffer reused chunk after
     chunk); returns ``(hard_rows, soft_rows)``."""
     scalars = _loss_scalars(temperature, alpha, divergence, beta, ignore_index, scale_by_t2)
     return torch.ops.kdfused.distill_forward_out.default(
-        student, teacher, labels, grad_scale, *scalars, grad
+        student, teacher, labels, grad_scale, *scalars, grad, float(label_smoothing)
     )
 
 
@@ -117,13 +119,14 @@ def distill_forward_inplace(
     beta: float,
     ignore_index: int,
     scale_by_t2: bool,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """distill_forward with the (contiguous) student logits overwritten by
     their gradient (devices in INPLACE_DEVICES); returns ``(hard_rows,
     soft_rows)``."""
     scalars = _loss_scalars(temperature, alpha, divergence, beta, ignore_index, scale_by_t2)
     return torch.ops.kdfused.distill_forward_inplace.default(
-        student, teacher, labels, grad_scale, *scalars
+        student, teacher, labels, grad_scale, *scalars, float(label_smoothing)
     )
 
 

@@ -68,6 +68,7 @@ def distill_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     scale_by_t2: bool = True,
+    label_smoothing: float = 0.0,
     teacher_vocab: str = "exact",
     num_items_in_batch: int | torch.Tensor | None = None,
     return_components: bool = False,
@@ -94,6 +95,7 @@ def distill_loss(
         scale_by_t2=scale_by_t2,
         backend="reference",
         teacher_vocab=teacher_vocab,
+        label_smoothing=label_smoothing,
     )
     validate_tensors(
         student_logits, teacher_logits, labels, alpha=alpha, teacher_vocab=teacher_vocab
@@ -114,7 +116,9 @@ def distill_loss(
         y = labels.reshape(-1)
         check_label_range(y, vocab, ignore_index)
         counted = y != ignore_index
-        hard = F.cross_entropy(s, y, ignore_index=ignore_index, reduction="none").to(out_dtype)
+        hard = F.cross_entropy(
+            s, y, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+        ).to(out_dtype)
 
     div = _divergence(s, t, temperature=temperature, divergence=divergence, beta=beta)
     coef = temperature**2 if scale_by_t2 else 1.0
@@ -167,6 +171,7 @@ def fused_linear_distill_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     scale_by_t2: bool = True,
+    label_smoothing: float = 0.0,
     teacher_vocab: str = "exact",
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
@@ -213,6 +218,7 @@ def fused_linear_distill_loss(
         reduction=reduction,
         ignore_index=ignore_index,
         scale_by_t2=scale_by_t2,
+        label_smoothing=label_smoothing,
         teacher_vocab=teacher_vocab,
         num_items_in_batch=num_items_in_batch,
         return_components=return_components,

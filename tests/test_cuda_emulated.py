@@ -39,26 +39,28 @@ def _emulated_op():
     return torch.ops.kdfused_emulated.distill_forward.default
 
 
-# The op's scalar arguments, in schema order.
-ORDER = (
-    "temperature",
-    "alpha",
-    "divergence",
-    "beta",
-    "ignore_index",
-    "scale_by_t2",
-    "compute_grad",
-)
+# The loss options in the ops' schema order (label_smoothing, last in each
+# schema, is passed by name).
+LOSS_ORDER = ("temperature", "alpha", "divergence", "beta", "ignore_index", "scale_by_t2")
 
 
 def _route_to_emulator(patch):
-    """Makes kdfused's op layer call the emulated CUDA kernel (CPU tensors)."""
+    """Makes kdfused's op layer call the emulated CUDA kernels (CPU tensors)."""
     op = _emulated_op()
-    patch.setattr(
-        ops,
-        "distill_forward",
-        lambda s, t, y, scale, **options: op(s, t, y, scale, *(options[k] for k in ORDER)),
-    )
+    out_op = torch.ops.kdfused_emulated.distill_forward_out.default
+
+    def forward(s, t, y, scale, *, compute_grad, label_smoothing=0.0, **options):
+        loss = (options[k] for k in LOSS_ORDER)
+        return op(s, t, y, scale, *loss, compute_grad, label_smoothing=label_smoothing)
+
+    def forward_out(s, t, y, scale, grad, *, label_smoothing=0.0, **options):
+        loss = (options[k] for k in LOSS_ORDER)
+        return out_op(s, t, y, scale, *loss, grad, label_smoothing=label_smoothing)
+
+    patch.setattr(ops, "distill_forward", forward)
+    patch.setattr(ops, "distill_forward_out", forward_out)
+    # The CUDA kernel has no in-place form: the fused-linear loss uses forward_out.
+    patch.setattr(ops, "INPLACE_DEVICES", frozenset())
     return op
 
 
@@ -272,25 +274,29 @@ def test_row_split_bad_setting(emulated, monkeypatch, value):
         kdfused.fused_distill_loss(s, s.clone(), torch.tensor([1, 2]))
 
 
-def test_out_variant_and_fused_linear(monkeypatch):
+def test_out_variant_and_fused_linear(emulated):
     """The CUDA kernel writing into a caller's buffer (distill_forward_out),
     through the fused-linear loss's chunk loop: row slices of the teacher's
     logits, a reused gradient buffer, against the float64 reference."""
     from test_fused_linear import check_linear_against_oracle, make_problem
 
-    op = _emulated_op()
-    out_op = torch.ops.kdfused_emulated.distill_forward_out.default
-    order = ORDER[:-1]
-    monkeypatch.setattr(
-        ops, "distill_forward", lambda s, t, y, c, **o: op(s, t, y, c, *(o[k] for k in ORDER))
-    )
-    monkeypatch.setattr(
-        ops,
-        "distill_forward_out",
-        lambda s, t, y, c, g, **o: out_op(s, t, y, c, *(o[k] for k in order), g),
-    )
     for source in ("hidden", "logits"):
         student, teacher, labels = make_problem(source=source, student_bias=True, seed=7)
         check_linear_against_oracle(
             student, teacher, labels, divergence="jsd", chunk_size=16, student_softcap=5.0
         )
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("parts", ["1", "3"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
+def test_label_smoothing(emulated, monkeypatch, divergence, parts, temperature):
+    """Label smoothing's row sum in the CUDA kernel (its own pass, merged over
+    a cluster's blocks when the row is split), and its gradient variants."""
+    monkeypatch.setenv("KDFUSED_CUDA_SPLIT", parts)
+    s = make_logits((5, 2001), seed=151)
+    t = make_logits((5, 2001), seed=152)
+    y = make_labels((5,), 2001, "some")
+    check_against_oracle(
+        s, t, y, divergence=divergence, temperature=temperature, alpha=0.4, label_smoothing=0.15
+    )

@@ -188,7 +188,7 @@ def test_baseline_path_has_no_avx():
         check=True,
     ).stdout
     functions = re.split(r"\n(?=[0-9a-f]+ <)", asm)
-    table = r"_(stats|jsd|grad|load_bf16|store_bf16|load_f16|store_f16)\b"
+    table = r"_(stats|jsd|grad|sum_below|load_bf16|store_bf16|load_f16|store_f16)\b"
     baseline = [f for f in functions if re.match(r"[0-9a-f]+ <[^>]*baseline" + table, f)]
     avx2 = [f for f in functions if re.match(r"[0-9a-f]+ <[^>]*avx2" + table, f)]
     assert len(baseline) >= 19, "baseline chunk kernels not found in the library"

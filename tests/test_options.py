@@ -177,3 +177,71 @@ def test_modules_take_the_options():
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="teacher_vocab must be one of"):
         kdfused.FusedLinearDistillLoss(teacher_vocab="pad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])  # q from p_s, from p_s^2, from its exp
+@pytest.mark.parametrize("epsilon", [0.1, 1.0])
+def test_label_smoothing_against_reference(device, divergence, temperature, epsilon):
+    s = make_logits((3, 5, 1203), device=device, seed=145)  # three chunks, a ragged one
+    t = make_logits((3, 5, 1203), device=device, seed=146)
+    y = make_labels((3, 5), 1203, "some", device=device)
+    check_against_oracle(
+        s,
+        t,
+        y,
+        torch.tensor(0.7),
+        divergence=divergence,
+        temperature=temperature,
+        alpha=0.3,
+        label_smoothing=epsilon,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_label_smoothing_is_cross_entropys(device, dtype):
+    """alpha = 1: the loss is F.cross_entropy(s, y, label_smoothing=eps), its
+    mean over the rows that count, and so is the gradient."""
+    s = make_logits((40, 333), dtype, device, seed=147).requires_grad_()
+    t = make_logits((40, 333), dtype, device, seed=148)
+    y = make_labels((40,), 333, "some", device=device)
+    loss = kdfused.fused_distill_loss(s, t, y, alpha=1.0, label_smoothing=0.2)
+    (grad,) = torch.autograd.grad(loss, s)
+    s64 = s.detach().double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(s64, y, label_smoothing=0.2)
+    (want_grad,) = torch.autograd.grad(want, s64)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, **_grad_tolerance(dtype))
+
+
+def _grad_tolerance(dtype):
+    return dict(rtol=0, atol=1e-8) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_label_smoothing_masked_vocab_and_fused_linear(device):
+    """A masked (-inf) logit makes the smoothed cross-entropy inf, as
+    F.cross_entropy's, with the gradient still finite; and the fused-linear
+    loss takes the option too."""
+    s = make_logits((4, 100), device=device, seed=149)
+    t = make_logits((4, 100), device=device, seed=150)
+    s[1, 7] = t[1, 7] = float("-inf")
+    y = torch.tensor([3, 4, -100, 9], device=device)
+    out, grad = check_against_oracle(s, t, y, label_smoothing=0.1, reduction="none")
+    assert torch.isinf(out.hard_loss[1]) and torch.isfinite(out.hard_loss[[0, 3]]).all()
+    assert torch.isfinite(grad).all()
+    student, teacher, labels = make_problem(device, student_bias=True, seed=9)
+    check_linear_against_oracle(student, teacher, labels, chunk_size=16, label_smoothing=0.1)
+
+
+def test_label_smoothing_option_checked():
+    s, t, y = make_logits((2, 9)), make_logits((2, 9), seed=1), make_labels((2,), 9)
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\], got 1.5"):
+        kdfused.fused_distill_loss(s, t, y, label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\]"):
+        torch.ops.kdfused.distill_forward.default(
+            s, t, y, None, 2.0, 0.5, "jsd", 0.5, -100, True, True, label_smoothing=-0.1
+        )
+    assert "label_smoothing=0.1" in repr(kdfused.FusedLinearDistillLoss(label_smoothing=0.1))

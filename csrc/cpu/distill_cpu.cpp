@@ -197,7 +197,7 @@ KDFUSED_INLINE void jsd_chunk(JsdSums& acc, const L* KD_R s, const L* KD_R t, co
 
 // The gradient of one chunk (the label's own element is fixed up later). For
 // JSD with a soft term, et holds log p_s - log m (jsd_chunk).
-template <Divergence D, bool kHard, bool kSoft, HardQ kQ>
+template <Divergence D, bool kHard, bool kSoft, HardQ kQ, bool kSmooth>
 KDFUSED_INLINE void grad_chunk(float* KD_R g, const float* KD_R s, const float* KD_R t,
                                const float* KD_R es, const float* KD_R et, int64_t len,
                                ChunkScale f, const RowConsts& c, const LossParams& p,
@@ -205,11 +205,24 @@ KDFUSED_INLINE void grad_chunk(float* KD_R g, const float* KD_R s, const float* 
   for (int64_t k = 0; k < len; ++k) {
     const float ps = es[k] * f.fs;
     if (D == Divergence::kJSD && kSoft) {
-      g[k] = combine_grad<kHard, kSoft, kQ>(s[k], ps, jsd_grad(ps, et[k], c, p), false, c, gk);
+      g[k] = combine_grad<kHard, kSoft, kQ, kSmooth>(s[k], ps, jsd_grad(ps, et[k], c, p), false, c,
+                                                     gk);
     } else {
-      g[k] = grad_from_probs<D, kHard, kSoft, kQ>(s[k], t[k], ps, et[k] * f.ft, false, c, p, gk);
+      g[k] = grad_from_probs<D, kHard, kSoft, kQ, kSmooth>(s[k], t[k], ps, et[k] * f.ft, false, c,
+                                                           p, gk);
     }
   }
+}
+
+// Label smoothing's row sum over a chunk: sum (s - ms) (smooth_term), in lanes.
+KDFUSED_INLINE float sum_below_chunk(const float* KD_R s, int64_t len, float ms) {
+  float acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= len; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += smooth_term(s[k + l], ms);
+  }
+  for (int l = 0; k + l < len; ++l) acc[l] += smooth_term(s[k + l], ms);
+  return lane_sum(acc);
 }
 
 // float -> bfloat16 bits, rounded to nearest even with NaN kept a quiet NaN:
@@ -281,29 +294,36 @@ using JsdFn = void (*)(JsdSums&, const L*, const L*, const float*, float*, int64
                        const RowConsts&, const LossParams&);
 using GradFn = void (*)(float*, const float*, const float*, const float*, const float*, int64_t,
                         ChunkScale, const RowConsts&, const LossParams&, const GradCoefs&);
+using SumFn = float (*)(const float*, int64_t, float);
 
 // Which gradient variant a problem needs: 2 * hard + soft, or the hard and
-// soft terms with q from p_s (T = 1, T = 2).
-constexpr int kHardSoftT1 = 4, kHardSoftT2 = 5;
+// soft terms with q from p_s (T = 1, T = 2); label smoothing (with a hard
+// term) adds kSmoothed to the hard variants 2 to 5.
+constexpr int kHardSoftT1 = 4, kHardSoftT2 = 5, kSmoothed = 4, kGradVariants = 10;
 
 inline int grad_variant(const LossParams& p) {
   return with_grad_variant(p, [](auto variant) {
     using V = decltype(variant);
-    if (V::kHardQ == HardQ::kPs) return kHardSoftT1;
-    if (V::kHardQ == HardQ::kPsSquared) return kHardSoftT2;
-    return 2 * V::kHasHard + V::kHasSoft;
+    const int smoothed = V::kSmoothed ? kSmoothed : 0;
+    if (V::kHardQ == HardQ::kPs) return kHardSoftT1 + smoothed;
+    if (V::kHardQ == HardQ::kPsSquared) return kHardSoftT2 + smoothed;
+    return 2 * V::kHasHard + V::kHasSoft + smoothed;
   });
 }
 
 // Whether a variant's hard term takes softmax(s) from the logits (2 * hard +
 // soft with hard set), rather than from p_s as kHardSoftT1 and T2 do.
-inline bool hard_from_logits(int variant) { return variant == 2 || variant == 3; }
+inline bool hard_from_logits(int variant) {
+  const int base = variant >= 2 + kSmoothed ? variant - kSmoothed : variant;
+  return base == 2 || base == 3;
+}
 
 struct ChunkKernels {
   StatsFn stats[3][3];  // [divergence][Z1 mode]
   JsdFn<float> jsd;
-  JsdFn<uint16_t> jsd_bf16;  // both models' logits bfloat16
-  GradFn grad[3][6];         // [divergence][grad_variant]
+  JsdFn<uint16_t> jsd_bf16;       // both models' logits bfloat16
+  GradFn grad[3][kGradVariants];  // [divergence][grad_variant]
+  SumFn sum_below;                // label smoothing's row sum
   Store16Fn store_bf16;
   Load16Fn load_bf16;
   Load16Fn load_f16;
@@ -313,10 +333,17 @@ struct ChunkKernels {
 #define KDFUSED_STATS(NAME, D) \
   {NAME##_stats<D, Z1::kNone>, NAME##_stats<D, Z1::kExp>, NAME##_stats<D, Z1::kSquare>}
 
-#define KDFUSED_GRADS(NAME, D)                                                          \
-  {NAME##_grad<D, false, false, HardQ::kExp>, NAME##_grad<D, false, true, HardQ::kExp>, \
-   NAME##_grad<D, true, false, HardQ::kExp>,  NAME##_grad<D, true, true, HardQ::kExp>,  \
-   NAME##_grad<D, true, true, HardQ::kPs>,    NAME##_grad<D, true, true, HardQ::kPsSquared>}
+#define KDFUSED_GRADS(NAME, D)                           \
+  {NAME##_grad<D, false, false, HardQ::kExp, false>,     \
+   NAME##_grad<D, false, true, HardQ::kExp, false>,      \
+   NAME##_grad<D, true, false, HardQ::kExp, false>,      \
+   NAME##_grad<D, true, true, HardQ::kExp, false>,       \
+   NAME##_grad<D, true, true, HardQ::kPs, false>,        \
+   NAME##_grad<D, true, true, HardQ::kPsSquared, false>, \
+   NAME##_grad<D, true, false, HardQ::kExp, true>,       \
+   NAME##_grad<D, true, true, HardQ::kExp, true>,        \
+   NAME##_grad<D, true, true, HardQ::kPs, true>,         \
+   NAME##_grad<D, true, true, HardQ::kPsSquared, true>}
 
 #define KDFUSED_CHUNK_KERNELS(NAME, ...)                                                         \
   template <Divergence kD, Z1 kZ1>                                                               \
@@ -330,11 +357,14 @@ struct ChunkKernels {
                               const LossParams& p) {                                             \
     jsd_chunk(acc, s, t, es, et, len, f, c, p);                                                  \
   }                                                                                              \
-  template <Divergence D, bool kHard, bool kSoft, HardQ kQ>                                      \
+  template <Divergence D, bool kHard, bool kSoft, HardQ kQ, bool kSmooth>                        \
   __VA_ARGS__ void NAME##_grad(float* g, const float* s, const float* t, const float* es,        \
                                const float* et, int64_t len, ChunkScale f, const RowConsts& c,   \
                                const LossParams& p, const GradCoefs& k) {                        \
-    grad_chunk<D, kHard, kSoft, kQ>(g, s, t, es, et, len, f, c, p, k);                           \
+    grad_chunk<D, kHard, kSoft, kQ, kSmooth>(g, s, t, es, et, len, f, c, p, k);                  \
+  }                                                                                              \
+  __VA_ARGS__ float NAME##_sum_below(const float* s, int64_t len, float ms) {                    \
+    return sum_below_chunk(s, len, ms);                                                          \
   }                                                                                              \
   __VA_ARGS__ void NAME##_store_bf16(uint16_t* out, const float* x, int64_t len) {               \
     store_bf16(out, x, len);                                                                     \
@@ -349,6 +379,7 @@ struct ChunkKernels {
       NAME##_jsd<uint16_t>,                                                                      \
       {KDFUSED_GRADS(NAME, Divergence::kForwardKL), KDFUSED_GRADS(NAME, Divergence::kReverseKL), \
        KDFUSED_GRADS(NAME, Divergence::kJSD)},                                                   \
+      NAME##_sum_below,                                                                          \
       NAME##_store_bf16,                                                                         \
       NAME##_load_bf16,                                                                          \
       NAME##_load_f16,                                                                           \
@@ -459,7 +490,15 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
       }
       jsd_finish(c, acc, p);
     }
-    a.hard[i] = a.y ? hard_loss(static_cast<float>(s[label]), c) : 0.f;
+    if (a.y && p.smoothing) {  // its row sum: the row was just read, it is in cache
+      float sum = 0.f;
+      for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
+        const int64_t len = std::min(kChunk, v - j0);
+        sum += kernels.sum_below(as_float(s + j0, len, sbuf, kernels), len, c.ms);
+      }
+      c.sum_below = sum;
+    }
+    a.hard[i] = a.y ? hard_loss(static_cast<float>(s[label]), c, p) : 0.f;
     a.soft[i] = p.soft_scale * c.div;
     if (!g) continue;
     for (int64_t j0 = 0, b = 0; j0 < v; j0 += kChunk, ++b) {
@@ -517,13 +556,14 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> distill_forward_inplace_cpu(KDFUSED_KERNEL_ARGS_MUTABLE) {
+std::tuple<at::Tensor, at::Tensor> distill_forward_inplace_cpu(KDFUSED_KERNEL_ARGS_MUTABLE,
+                                                               double label_smoothing) {
   TORCH_CHECK_VALUE(student.is_contiguous(),
                     "kdfused: distill_forward_inplace overwrites the student logits with their "
                     "gradient, so they must be contiguous, got ",
                     text(student), " with strides ", text(student.strides()));
   auto result = distill_cpu(student, teacher, labels, grad_scale, temperature, alpha, divergence,
-                            beta, ignore_index, scale_by_t2, true, &student);
+                            beta, ignore_index, scale_by_t2, true, &student, label_smoothing);
   return {std::get<0>(result), std::get<1>(result)};
 }
 
@@ -542,10 +582,11 @@ std::string cpu_capability() {
 #endif
 }
 
-DistillResult distill_cpu(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out) {
+DistillResult distill_cpu(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out,
+                          double label_smoothing) {
   const DistillProblem prob =
       prepare_problem(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
-                      ignore_index, scale_by_t2, c10::DeviceType::CPU);
+                      ignore_index, scale_by_t2, c10::DeviceType::CPU, label_smoothing);
   if (prob.labels) {
     check_label_range(prob.labels->const_data_ptr<int64_t>(), prob.n, prob.v, ignore_index);
   }

@@ -118,10 +118,11 @@ void launch(const DistillProblem& prob, const std::optional<at::Tensor>& grad_sc
 
 }  // namespace
 
-DistillResult distill_cuda(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out) {
+DistillResult distill_cuda(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out,
+                           double label_smoothing) {
   const DistillProblem prob =
       prepare_problem(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
-                      ignore_index, scale_by_t2, c10::DeviceType::CUDA);
+                      ignore_index, scale_by_t2, c10::DeviceType::CUDA, label_smoothing);
   TORCH_CHECK_VALUE(prob.n <= std::numeric_limits<int32_t>::max(),
                     "kdfused: at most 2^31 - 1 rows per call, got N = ", text(prob.n));
   const c10::cuda::CUDAGuard guard(student.device());

@@ -205,7 +205,7 @@ __device__ void write_row_losses(float* hard, float* soft, int64_t i, const S* s
                                  bool has_labels, int64_t label, bool label_ok, const RowConsts& c,
                                  const LossParams& p) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  hard[i] = !has_labels ? 0.f : label_ok ? hard_loss(static_cast<float>(s_row[label]), c) : nan;
+  hard[i] = !has_labels ? 0.f : label_ok ? hard_loss(static_cast<float>(s_row[label]), c, p) : nan;
   soft[i] = p.soft_scale * c.div;
 }
 
@@ -225,6 +225,8 @@ struct BlockShared {
   RowConsts consts;
   RowStats part_stats;  // this block's part of the row, read by its cluster peers
   JsdSums part_jsd;
+  float sums[kMaxWarps];  // label smoothing's row sum
+  float part_sum;
 };
 
 // The columns [begin, end) of part `part` of a row split in `parts`: runs of
@@ -363,6 +365,22 @@ __global__ void __launch_bounds__(kSplit ? kSplitThreads : kMaxThreads, kSplit ?
   if (threadIdx.x == 0) sh.consts = row_consts(st, p);
   __syncthreads();
   RowConsts c = sh.consts;
+
+  if (p.smoothing && labels != nullptr) {
+    // Label smoothing's row sum, sum (s - ms), in a pass of its own (only
+    // when smoothing: pass 1 stays as it is without it).
+    float sum = 0.f;
+    row.for_each([&](int64_t, const float* s, const float*, auto n) {
+#pragma unroll
+      for (int k = 0; k < n; ++k) sum += smooth_term(s[k], c.ms);
+    });
+    const auto add = [](float a, float b) { return a + b; };
+    sum = block_reduce(sum, add, 0.f, sh.sums);
+    sum = cluster_merge(sum, &sh.part_sum, parts, add);
+    if (threadIdx.x == 0) sh.consts.sum_below = sum;
+    __syncthreads();
+    c = sh.consts;
+  }
 
   if (p.div == Divergence::kJSD) {
     JsdSums acc{0.f, 0.f};

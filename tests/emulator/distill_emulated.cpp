@@ -14,10 +14,11 @@
 namespace kdfused {
 namespace {
 
-DistillResult distill_emulated(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out) {
+DistillResult distill_emulated(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out,
+                               double label_smoothing) {
   const DistillProblem prob =
       prepare_problem(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
-                      ignore_index, scale_by_t2, c10::DeviceType::CPU);
+                      ignore_index, scale_by_t2, c10::DeviceType::CPU, label_smoothing);
   auto [hard, soft, grad] = allocate_outputs(prob, compute_grad, grad_out);
   if (prob.n == 0) return {hard, soft, grad};
   emu::failed_asserts = 0;
