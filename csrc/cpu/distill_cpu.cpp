@@ -215,13 +215,16 @@ KDFUSED_INLINE void grad_chunk(float* KD_R g, const float* KD_R s, const float* 
 }
 
 // Label smoothing's row sum over a chunk: sum (s - ms) (smooth_term), in lanes.
+// For a finite ms, s - ms is smooth_term without its select (-inf - ms is
+// -inf); a row whose max is -inf sums to -inf without a loop.
 KDFUSED_INLINE float sum_below_chunk(const float* KD_R s, int64_t len, float ms) {
+  if (ms == neg_inf()) return len > 0 ? neg_inf() : 0.f;
   float acc[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= len; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += smooth_term(s[k + l], ms);
+    for (int l = 0; l < kLanes; ++l) acc[l] += s[k + l] - ms;
   }
-  for (int l = 0; k + l < len; ++l) acc[l] += smooth_term(s[k + l], ms);
+  for (int l = 0; k + l < len; ++l) acc[l] += s[k + l] - ms;
   return lane_sum(acc);
 }
 
