@@ -133,3 +133,16 @@ def test_fused_linear_floor_is_the_four_products():
     g = (h @ w.t()).detach()
     torch.testing.assert_close(h.grad, g @ w.detach())
     torch.testing.assert_close(w.grad, g.t() @ h.detach())
+
+
+def test_options_comparison():
+    """benchmarks/options.py: the three cases, each timed, the default first."""
+    from benchmarks import options
+
+    rows = options.main(["--device", "cpu", "--sizes", "8x300", "--warmup", "0", "--reps", "1"])
+    assert [name for *_, name, _, _ in rows] == [
+        "default",
+        "label_smoothing=0.1",
+        "teacher +64 columns, truncate",
+    ]
+    assert all(seconds > 0 for *_, seconds, _ in rows) and rows[0][-1] == 1.0
