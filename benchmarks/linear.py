@@ -39,7 +39,7 @@ import torch
 import kdfused
 
 from .providers import LossOptions, plain_loss
-from .run import DIVERGENCES, DTYPES, bench_cases, conditions, write_outputs
+from .run import DIVERGENCES, DTYPES, bench_cases, check_arguments, conditions, write_outputs
 
 MODES = ("forward", "full")
 
@@ -294,14 +294,7 @@ def main(argv=None):
     parser.add_argument("--csv", help="append the rows to this CSV file")
     parser.add_argument("--md", help="append a markdown table to this file")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device cuda, but torch {torch.__version__} sees no CUDA GPU")
-    for mode in args.modes.split(","):
-        if mode not in MODES:
-            parser.error(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
-    for name in args.providers.split(","):
-        if name not in PROVIDERS:
-            parser.error(f"unknown provider {name!r}: choose from {', '.join(PROVIDERS)}")
+    check_arguments(parser, args, mode=MODES, provider=PROVIDERS)
     rows = run(args)
     write_outputs(rows, markdown(rows), META + COLUMNS, args.csv, args.md)
 

@@ -344,20 +344,21 @@ def main(argv=None):
     parser.add_argument("--csv", help="write the rows to this CSV file")
     parser.add_argument("--md", help="write a markdown table to this file")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device cuda, but torch {torch.__version__} sees no CUDA GPU")
-    for mode in args.modes.split(","):
-        if mode not in MODES:
-            parser.error(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
-    for name in args.divergence.split(","):
-        if name not in DIVERGENCES:
-            parser.error(f"unknown divergence {name!r}: choose from {', '.join(DIVERGENCES)}")
-    for name in args.providers.split(","):
-        if name not in PROVIDERS:
-            parser.error(f"unknown provider {name!r}: choose from {', '.join(PROVIDERS)}")
-
+    check_arguments(parser, args, mode=MODES, divergence=DIVERGENCES, provider=PROVIDERS)
     rows = run(args)
     write_outputs(rows, markdown(rows), FIELDS, args.csv, args.md)
+
+
+def check_arguments(parser, args, **choices) -> None:
+    """parser.error for --device cuda without a GPU, or for a comma-separated
+    --<name>s (or --<name>) list naming something outside choices[name]."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda, but torch {torch.__version__} sees no CUDA GPU")
+    for name, allowed in choices.items():
+        given = getattr(args, name + "s", None) or getattr(args, name)
+        for item in given.split(","):
+            if item not in allowed:
+                parser.error(f"unknown {name} {item!r}: choose from {', '.join(allowed)}")
 
 
 def write_outputs(rows: list[dict], table: str, fields: list[str], csv_path, md_path) -> None:
