@@ -300,3 +300,15 @@ def test_label_smoothing(emulated, monkeypatch, divergence, parts, temperature):
     check_against_oracle(
         s, t, y, divergence=divergence, temperature=temperature, alpha=0.4, label_smoothing=0.15
     )
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_truncated_teacher_and_num_items(emulated, divergence):
+    """A padded teacher read in place (rows 2056 + 9 apart, so off the packs'
+    alignment: the scalar path) and num_items_in_batch, through the CUDA kernel."""
+    s = make_logits((4, 2056), torch.bfloat16, seed=153)
+    wide = make_logits((4, 2065), torch.float32, seed=154)
+    y = make_labels((4,), 2056, "some")
+    check_against_oracle(
+        s, wide, y, divergence=divergence, teacher_vocab="truncate", num_items_in_batch=7
+    )

@@ -482,3 +482,18 @@ def test_module_validates_at_construction():
         kdfused.FusedLinearDistillLoss(teacher_softcap=math.inf)
     with pytest.raises(ValueError, match=r"divergence"):
         kdfused.FusedLinearDistillLoss(divergence="kl")
+
+
+def test_empty_batch():
+    """No rows: loss 0 and zero gradients, as the dense loss gives."""
+    h = torch.zeros(0, HS, requires_grad=True)
+    w = torch.randn(VOCAB, HS, requires_grad=True)
+    loss = kdfused.fused_linear_distill_loss(
+        h,
+        w,
+        torch.zeros(0, dtype=torch.int64),
+        teacher_hidden=torch.zeros(0, HT),
+        teacher_weight=torch.randn(VOCAB, HT),
+    )
+    loss.backward()
+    assert loss.item() == 0 and h.grad.shape == (0, HS) and torch.all(w.grad == 0)
