@@ -5,7 +5,7 @@
 # Liger-Kernel, the fused-linear loss against Liger-Kernel's
 # LigerFusedLinearJSDLoss and the matmuls alone, ncu's view of the kernel, and
 # a sweep over V and N. Everything lands under $OUT: gpu_check.log (all
-# output), pytest.log, bench.md, bench.csv, linear.{csv,md},
+# output), pytest.log, bench.md, bench.csv, linear.{csv,md}, options.txt,
 # split<k>.{csv,md} (KDFUSED_CUDA_SPLIT = k), ncu.txt and ncu-split8.txt. Each stage has its own time limit; about 5 minutes when all
 # goes well.
 #
@@ -90,6 +90,11 @@ for div in forward_kl jsd; do
     --csv "$out/linear.csv" --md "$out/linear.md"
   [ $? -eq 0 ] || status=1
 done
+
+stage "options: label smoothing and a padded teacher against the default step, 8192 x 128256"
+timeout 60 python3 -m benchmarks.options --device cuda --dtype bfloat16 --sizes 8192x128256 \
+  --reps 9 | tee "$out/options.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 stage "row split (KDFUSED_CUDA_SPLIT = blocks per row): 8192 x 128256, one CSV per split"
 for k in 1 2 4 8 16; do
