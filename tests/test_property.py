@@ -37,6 +37,7 @@ def problems(draw):
         beta=draw(st.sampled_from([0.05, 0.5, 0.95])),
         reduction=draw(st.sampled_from(["batchmean", "sum", "none"])),
         scale_by_t2=draw(st.booleans()),
+        label_smoothing=draw(st.sampled_from([0.0, 0.0, 0.1, 1.0])),
     )
     upstream_shape = lead if options["reduction"] == "none" else ()
     upstream = torch.rand(upstream_shape, generator=g) + 0.5
