@@ -422,13 +422,8 @@ def fused_linear_distill_loss(
         teacher_weight = teacher_columns(teacher_weight, vocab, dim=0)
         if teacher_bias is not None:
             teacher_bias = teacher_columns(teacher_bias, vocab, dim=0)
-    for name, cast in (
-        ("temperature", float),
-        ("alpha", float),
-        ("beta", float),
-        ("label_smoothing", float),
-    ):
-        options[name] = cast(options[name])
+    for name in ("temperature", "alpha", "beta", "label_smoothing"):
+        options[name] = float(options[name])
     options["ignore_index"] = int(ignore_index)
     caps = dict(
         student_softcap=None if student_softcap is None else float(student_softcap),
