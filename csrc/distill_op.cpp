@@ -43,27 +43,19 @@ Divergence parse_divergence(c10::string_view name) {
 
 }  // namespace
 
-DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teacher,
-                               const std::optional<at::Tensor>& labels,
+DistillProblem prepare_student(const at::Tensor& student, const std::optional<at::Tensor>& labels,
                                const std::optional<at::Tensor>& grad_scale, double temperature,
                                double alpha, c10::string_view divergence, double beta,
                                int64_t ignore_index, bool scale_by_t2,
                                c10::DeviceType kernel_device, double label_smoothing) {
   TORCH_CHECK_VALUE(student.dim() == 2, "kdfused: student logits must be [N, V], got shape ",
                     text(student.sizes()));
-  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(),
-                    "kdfused: student and teacher logits must have the same shape, got ",
-                    text(student.sizes()), " and ", text(teacher.sizes()));
   TORCH_CHECK_VALUE(student.size(1) > 0, "kdfused: the vocabulary dim V must be > 0, got shape ",
                     text(student.sizes()));
-  TORCH_CHECK_TYPE(
-      is_supported_dtype(student.scalar_type()) && is_supported_dtype(teacher.scalar_type()),
-      "kdfused: the fused kernels take float32, float16 or bfloat16 logits, got "
-      "student ",
-      c10::toString(student.scalar_type()), " and teacher ", c10::toString(teacher.scalar_type()));
-  TORCH_CHECK_VALUE(student.device() == teacher.device(),
-                    "kdfused: student and teacher logits must be on the same device, got ",
-                    student.device().str(), " and ", teacher.device().str());
+  TORCH_CHECK_TYPE(is_supported_dtype(student.scalar_type()),
+                   "kdfused: the fused kernels take float32, float16 or bfloat16 logits, got "
+                   "student ",
+                   c10::toString(student.scalar_type()));
   TORCH_CHECK_VALUE(student.device().type() == kernel_device, "kdfused: the ",
                     c10::DeviceTypeName(kernel_device), " kernel got ", student.device().str(),
                     " tensors");
@@ -80,7 +72,6 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
   prob.v = student.size(1);
   // Rows may be strided (e.g. a slice of a wider buffer); elements may not.
   prob.student = student.stride(1) == 1 ? student : student.contiguous();
-  prob.teacher = teacher.stride(1) == 1 ? teacher : teacher.contiguous();
 
   if (labels.has_value()) {
     const at::Tensor& y = *labels;
@@ -120,6 +111,32 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
   p.label_weight = static_cast<float>(1.0 - label_smoothing);
   p.smooth_weight = static_cast<float>(label_smoothing / static_cast<double>(prob.v));
   p.smoothing = label_smoothing > 0.0;
+  return prob;
+}
+
+DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teacher,
+                               const std::optional<at::Tensor>& labels,
+                               const std::optional<at::Tensor>& grad_scale, double temperature,
+                               double alpha, c10::string_view divergence, double beta,
+                               int64_t ignore_index, bool scale_by_t2,
+                               c10::DeviceType kernel_device, double label_smoothing) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "kdfused: student logits must be [N, V], got shape ",
+                    text(student.sizes()));
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(),
+                    "kdfused: student and teacher logits must have the same shape, got ",
+                    text(student.sizes()), " and ", text(teacher.sizes()));
+  TORCH_CHECK_TYPE(
+      is_supported_dtype(student.scalar_type()) && is_supported_dtype(teacher.scalar_type()),
+      "kdfused: the fused kernels take float32, float16 or bfloat16 logits, got "
+      "student ",
+      c10::toString(student.scalar_type()), " and teacher ", c10::toString(teacher.scalar_type()));
+  TORCH_CHECK_VALUE(student.device() == teacher.device(),
+                    "kdfused: student and teacher logits must be on the same device, got ",
+                    student.device().str(), " and ", teacher.device().str());
+  DistillProblem prob =
+      prepare_student(student, labels, grad_scale, temperature, alpha, divergence, beta,
+                      ignore_index, scale_by_t2, kernel_device, label_smoothing);
+  prob.teacher = teacher.stride(1) == 1 ? teacher : teacher.contiguous();
   return prob;
 }
 

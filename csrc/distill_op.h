@@ -68,6 +68,14 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
                                int64_t ignore_index, bool scale_by_t2,
                                c10::DeviceType kernel_device, double label_smoothing);
 
+// The checks and folded options of the student side alone (prepare_problem
+// without a teacher): the sparse-teacher op's (sparse_op.h) too.
+DistillProblem prepare_student(const at::Tensor& student, const std::optional<at::Tensor>& labels,
+                               const std::optional<at::Tensor>& grad_scale, double temperature,
+                               double alpha, c10::string_view divergence, double beta,
+                               int64_t ignore_index, bool scale_by_t2,
+                               c10::DeviceType kernel_device, double label_smoothing);
+
 // hard_rows, soft_rows (float32 [N]) and the gradient (student dtype [N, V], or
 // [0] when compute_grad is false: no N x V buffer is allocated then).
 using DistillResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
