@@ -5,7 +5,7 @@
 # Liger-Kernel, the fused-linear loss against Liger-Kernel's
 # LigerFusedLinearJSDLoss and the matmuls alone, ncu's view of the kernel, and
 # a sweep over V and N. Everything lands under $OUT: gpu_check.log (all
-# output), pytest.log, bench.md, bench.csv, linear.{csv,md}, options.txt,
+# output), pytest.log, bench.md, bench.csv, linear.{csv,md}, options.txt, sparse.txt,
 # split<k>.{csv,md} (KDFUSED_CUDA_SPLIT = k), ncu.txt and ncu-split8.txt. Each stage has its own time limit; about 5 minutes when all
 # goes well.
 #
@@ -94,6 +94,11 @@ done
 stage "options: label smoothing and a padded teacher against the default step, 8192 x 128256"
 timeout 60 python3 -m benchmarks.options --device cuda --dtype bfloat16 --sizes 8192x128256 \
   --reps 9 | tee "$out/options.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+stage "sparse teacher: step with the top 64 against the dense step, top-k against torch, 8192 x 128256"
+timeout 90 python3 -m benchmarks.sparse --device cuda --dtype bfloat16 --sizes 8192x128256 \
+  --k 64 --reps 9 --no-eager | tee "$out/sparse.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 stage "row split (KDFUSED_CUDA_SPLIT = blocks per row): 8192 x 128256, one CSV per split"

@@ -25,7 +25,10 @@ import os
 import pytest
 import torch
 
+import kdfused
+
 from . import linear
+from . import sparse as sparse_bench
 from .providers import PROVIDERS, LossOptions, plain_loss
 from .run import (
     DTYPES,
@@ -148,3 +151,66 @@ def test_fused_linear_step(benchmark, provider, mode, size):
     benchmark.extra_info.update(
         dataclasses.asdict(size), beyond_grads_nv=round((peak - grads) / (size.n * size.v * 4), 3)
     )
+
+
+SPARSE_K = int(os.environ.get("KDFUSED_BENCH_SPARSE_K", "64"))
+
+
+@functools.cache
+def sparse_teacher_for(n, v):
+    return sparse_bench.sparse_teacher(inputs_for(n, v)[1], min(SPARSE_K, v), OPTIONS.temperature)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda nv: f"{nv[0]}x{nv[1]}")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("teacher", ["sparse", "dense"])
+def test_sparse_teacher_step(benchmark, teacher, mode, size):
+    """kdfused's step with a sparse teacher (the top SPARSE_K of the dense
+    teacher's rows, ghost tail) next to the same step with the dense teacher;
+    the sparse loss is first checked against its float64 reference."""
+    n, v = size
+    student, teacher_logits, labels = inputs_for(n, v)
+    sparse_teacher = sparse_teacher_for(n, v)
+    loss_fn = kdfused.FusedDistillLoss(temperature=OPTIONS.temperature, alpha=OPTIONS.alpha)
+    if teacher == "sparse":
+        got = loss_fn(student, sparse_teacher, labels)
+        want = kdfused.reference.sparse_distill_loss(
+            student.double(),
+            sparse_teacher.indices,
+            sparse_teacher.logprobs.double(),
+            labels,
+            store_temperature=OPTIONS.temperature,
+            temperature=OPTIONS.temperature,
+            alpha=OPTIONS.alpha,
+        )
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=0)
+        step_fn = lambda s, t, y: loss_fn(s, sparse_teacher, y)  # noqa: E731
+    else:
+        step_fn = loss_fn
+    prepare, timed = make_step(step_fn, (student, teacher_logits, labels), mode)
+    benchmark.pedantic(synchronised(timed), setup=synchronised(prepare), rounds=5, warmup_rounds=1)
+    prepare_full, full = make_step(step_fn, (student, teacher_logits, labels), "full")
+    prepare_full()
+    peak = PeakMemory(DEVICE)(full)
+    benchmark.extra_info.update(conditions(DEVICE, DTYPE, OPTIONS))
+    benchmark.extra_info.update(
+        n=n, v=v, k=sparse_teacher.k, peak_nv=round(peak / (n * v * student.element_size()), 2)
+    )
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda nv: f"{nv[0]}x{nv[1]}")
+@pytest.mark.parametrize("provider", ["kdfused", "torch"])
+def test_topk(benchmark, provider, size):
+    """sparse.topk against torch.topk(torch.log_softmax(t / T), k)."""
+    n, v = size
+    logits = inputs_for(n, v)[1]
+    k = min(SPARSE_K, v)
+    if provider == "kdfused":
+        fn = lambda: kdfused.sparse.topk(logits, k, temperature=2.0).logprobs  # noqa: E731
+    else:
+        fn = lambda: torch.topk(torch.log_softmax(logits.float() / 2.0, -1), k).values  # noqa: E731
+    want = torch.topk(torch.log_softmax(logits.double() / 2.0, -1), k).values
+    torch.testing.assert_close(fn().double(), want, rtol=0, atol=1e-4)
+    benchmark.pedantic(synchronised(fn), rounds=5, warmup_rounds=1)
+    benchmark.extra_info.update(conditions(DEVICE, DTYPE, OPTIONS))
+    benchmark.extra_info.update(n=n, v=v, k=k)

@@ -608,4 +608,167 @@ C10_HOST_DEVICE inline float grad_element(float s, float t, bool is_label, const
       p, [&](auto variant) { return decltype(variant)::element(s, t, is_label, c, p, k); });
 }
 
+// ---------------------------------------------------------------------------
+// The sparse teacher (DESIGN.md section 6): the teacher is k stored
+// log-probabilities lp_i (at store temperature Ts) of kept ids idx_i, and the
+// divergence is taken over k + 1 buckets: the kept ids and the tail (all other
+// ids). The student's buckets are p_s[idx_i] and its mass outside the kept ids,
+// from one online softmax over its row; the teacher's are softmax([a_1 .. a_k,
+// a_g]) with a_i = lp_i Ts / T and a_g = log(1 - sum exp(lp_i)) Ts / T ("ghost"
+// tail) or a_g = -inf ("renormalize": the kept weights alone).
+//
+// For any divergence D of bucket probabilities b_j, an element v in bucket j
+// has T dD/ds_v = p_s[v] (c_j - sum_l b_l c_l) with c_j = dD/db_j: per kept id
+// one value, and for the whole tail one factor h_g times p_s[v]. So the
+// gradient pass writes p_s[v] h_g everywhere and then the k kept elements.
+
+enum class Tail : int32_t { kGhost = 0, kRenormalize = 1 };
+
+// Online softmax of one student row, with the sum over its tail (the ids
+// outside the kept set) kept apart, as the same running sum masked: it is
+// exact however small the tail is, where 1 - sum p_s[kept] would cancel to 0.
+struct SparseStats {
+  float ms;     // running max of s
+  float zs;     // sum exp((s - ms) / T)
+  float ztail;  // the same over the tail
+  float z1;     // sum exp(s - ms) (the hard term, T != 1)
+};
+
+C10_HOST_DEVICE inline SparseStats sparse_empty() { return SparseStats{neg_inf(), 0.f, 0.f, 0.f}; }
+
+// Moves a state to the max ms_new (kept if not larger).
+C10_HOST_DEVICE inline void sparse_rescale(SparseStats& st, float ms_new, float inv_t) {
+  ms_new = max_keep(st.ms, ms_new);
+  if (ms_new == st.ms) return;
+  const float r = shifted_exp(st.ms, ms_new, inv_t);
+  st.zs *= r;
+  st.ztail *= r;
+  st.z1 *= shifted_exp(st.ms, ms_new, 1.f);
+  st.ms = ms_new;
+}
+
+C10_HOST_DEVICE inline SparseStats sparse_merge(SparseStats a, SparseStats b, float inv_t) {
+  const float ms = max_keep(a.ms, b.ms);
+  sparse_rescale(a, ms, inv_t);
+  sparse_rescale(b, ms, inv_t);
+  return SparseStats{ms, a.zs + b.zs, a.ztail + b.ztail, a.z1 + b.z1};
+}
+
+// What one logit s <= ms (or NaN) adds; tail is 1 for an id outside the kept
+// set, 0 for a kept one. Returns exp((s - ms) / T).
+KDFUSED_HOT float sparse_accumulate(float s, float tail, float ms, float inv_t, Z1 z1_how,
+                                    float& zs, float& ztail, float& z1, bool finite_anchor) {
+  const float ds = finite_anchor ? s - ms : below(s, ms);
+  const float es = exp_affine(ds, inv_t, 0.f);
+  zs += es;
+  ztail += es * tail;
+  if (z1_how == Z1::kExp) z1 += kd_exp_nonpos(ds);
+  if (z1_how == Z1::kSquare) z1 += es * es;
+  return es;
+}
+
+// The student row's constants (the RowConsts fields the hard term and
+// combine_grad read) and log b_g, the log of its tail bucket (-inf when the
+// kept ids hold all its mass).
+struct SparseConsts {
+  RowConsts c;
+  float log_tail;
+};
+
+C10_HOST_DEVICE inline SparseConsts sparse_consts(const SparseStats& st, const LossParams& p) {
+  SparseConsts out;
+  RowConsts& c = out.c;
+  c.ms = st.ms;
+  c.mt = c.ref = 0.f;
+  c.log_zs = ::logf(st.zs);
+  c.log_zt = 0.f;
+  c.log_z1 = p.t_is_1 ? c.log_zs : ::logf(st.z1);
+  c.mean_rs = c.div = c.kl_sm = 0.f;
+  c.q_per_ps2 = (st.zs / st.z1) * st.zs;
+  c.sum_below = 0.f;
+  out.log_tail = st.ztail > 0.f ? ::logf(st.ztail) - c.log_zs : neg_inf();
+  return out;
+}
+
+// What sparse_buckets leaves for the gradient pass: D over the buckets, and
+// h_g, with T dD/ds_v = p_s[v] h_g for every tail element v.
+struct SparseRow {
+  float div;
+  float tail_coef;
+};
+
+// The teacher's tail mass at store temperature: 1 - sum exp(lp_i), clamped to
+// [0, 1], and exactly 0 when the row keeps all V ids.
+C10_HOST_DEVICE inline float sparse_teacher_tail(const float* lp, int64_t n, bool all_kept) {
+  if (all_kept) return 0.f;
+  float kept = 0.f;
+  for (int64_t i = 0; i < n; ++i) kept += ::expf(lp[i]);
+  const float g = 1.f - kept;
+  return g < 0.f ? 0.f : (g > 1.f ? 1.f : g);
+}
+
+// The divergence over the k + 1 buckets of one row. n: the kept (not padded)
+// entries; lb[i]: the student's log p_s[idx_i]; x[i]: in, the stored log-prob
+// lp_i; out, T dD/ds at idx_i. log_tail: the student's log b_g; all_kept: n is
+// the whole vocabulary. st_over_t = Ts / T. A renormalized row with no kept
+// entry has no teacher: D = 0 and no gradient.
+C10_HOST_DEVICE inline SparseRow sparse_buckets(const float* lb, float* x, int64_t n,
+                                                float log_tail, bool all_kept, Tail tail,
+                                                float st_over_t, const LossParams& p) {
+  if (tail == Tail::kRenormalize && n == 0) {
+    return SparseRow{0.f, 0.f};
+  }
+  // The teacher's log-weights a_i = lp_i Ts / T and its tail's a_g, and their
+  // log-normaliser M + log z.
+  const float a_tail =
+      tail == Tail::kGhost ? ::logf(sparse_teacher_tail(x, n, all_kept)) * st_over_t : neg_inf();
+  float m = a_tail;
+  for (int64_t i = 0; i < n; ++i) m = max_keep(m, x[i] * st_over_t);
+  float z = shifted_exp(a_tail, m, 1.f);
+  for (int64_t i = 0; i < n; ++i) z += shifted_exp(x[i] * st_over_t, m, 1.f);
+  const float log_z = ::logf(z);
+  const auto log_pt = [&](float a) { return below(a, m) - log_z; };
+  const float lpt_g = log_pt(a_tail);
+  const float pt_g = ::expf(lpt_g);
+  const float ps_g = ::expf(log_tail);
+  const bool tail_live = ps_g > 0.f;  // else no tail element carries mass
+  const float q = p.beta, q1 = 1.f - p.beta;
+  if (p.div == Divergence::kForwardKL) {
+    float d = weighted(pt_g, lpt_g - log_tail);
+    for (int64_t i = 0; i < n; ++i) {
+      const float lpt = log_pt(x[i] * st_over_t);
+      d += weighted(::expf(lpt), lpt - lb[i]);
+      x[i] = ::expf(lb[i]) - ::expf(lpt);  // p_s - p_t
+    }
+    return SparseRow{d, tail_live ? 1.f - pt_g / ps_g : 0.f};
+  }
+  if (p.div == Divergence::kReverseKL) {
+    float d = weighted(ps_g, log_tail - lpt_g);
+    for (int64_t i = 0; i < n; ++i) d += weighted(::expf(lb[i]), lb[i] - log_pt(x[i] * st_over_t));
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = weighted(::expf(lb[i]), (lb[i] - log_pt(x[i] * st_over_t)) - d);
+    }
+    return SparseRow{d, tail_live ? (log_tail - lpt_g) - d : 0.f};
+  }
+  // JSD: m_j = beta P_j + (1 - beta) b_j per bucket.
+  const auto log_m = [&](float lpt, float lps) {
+    return kd_log_prob(q * ::expf(lpt) + q1 * ::expf(lps));
+  };
+  const float lm_g = log_m(lpt_g, log_tail);
+  float kl_tm = prob_weighted(pt_g, lpt_g - lm_g);
+  float kl_sm = prob_weighted(ps_g, log_tail - lm_g);
+  for (int64_t i = 0; i < n; ++i) {
+    const float lpt = log_pt(x[i] * st_over_t);
+    const float lm = log_m(lpt, lb[i]);
+    kl_tm += prob_weighted(::expf(lpt), lpt - lm);
+    kl_sm += prob_weighted(::expf(lb[i]), lb[i] - lm);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float lm = log_m(log_pt(x[i] * st_over_t), lb[i]);
+    x[i] = q1 * prob_weighted(::expf(lb[i]), (lb[i] - lm) - kl_sm);
+  }
+  const float tail_coef = ps_g >= FLT_MIN ? q1 * ((log_tail - lm_g) - kl_sm) : 0.f;
+  return SparseRow{q * kl_tm + q1 * kl_sm, tail_coef};
+}
+
 }  // namespace kdfused

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "distill_op.h"
+#include "sparse_op.h"
 
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
@@ -17,6 +18,9 @@ TORCH_LIBRARY(kdfused, m) {
   m.def(kdfused::kDistillForwardSchema, {at::Tag::pt2_compliant_tag});
   m.def(kdfused::kDistillForwardOutSchema, {at::Tag::pt2_compliant_tag});
   m.def(kdfused::kDistillForwardInplaceSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kSparseForwardSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kSparseForwardOutSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kSparseTopkSchema, {at::Tag::pt2_compliant_tag});
   // Which instruction set the CPU kernel uses in this process.
   m.def("cpu_capability() -> str", &kdfused::cpu_capability);
 }
@@ -25,11 +29,17 @@ TORCH_LIBRARY_IMPL(kdfused, CPU, m) {
   m.impl("distill_forward", &kdfused::distill_forward_op<kdfused::distill_cpu>);
   m.impl("distill_forward_out", &kdfused::distill_forward_out_op<kdfused::distill_cpu>);
   m.impl("distill_forward_inplace", &kdfused::distill_forward_inplace_cpu);
+  m.impl("sparse_distill_forward", &kdfused::sparse_forward_op<kdfused::sparse_cpu>);
+  m.impl("sparse_distill_forward_out", &kdfused::sparse_forward_out_op<kdfused::sparse_cpu>);
+  m.impl("sparse_topk", &kdfused::sparse_topk_cpu);
 }
 
 #ifdef KDFUSED_WITH_CUDA  // defined by setup.py when it compiles csrc/cuda/
 TORCH_LIBRARY_IMPL(kdfused, CUDA, m) {
   m.impl("distill_forward", &kdfused::distill_forward_op<kdfused::distill_cuda>);
   m.impl("distill_forward_out", &kdfused::distill_forward_out_op<kdfused::distill_cuda>);
+  m.impl("sparse_distill_forward", &kdfused::sparse_forward_op<kdfused::sparse_cuda>);
+  m.impl("sparse_distill_forward_out", &kdfused::sparse_forward_out_op<kdfused::sparse_cuda>);
+  m.impl("sparse_topk", &kdfused::sparse_topk_cuda);
 }
 #endif

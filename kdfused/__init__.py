@@ -1,6 +1,7 @@
 """kdfused: a fused knowledge-distillation loss for PyTorch (see README.md)."""
 
-from . import reference
+from . import reference, sparse
+from ._types import SparseTeacher
 from .functional import fused_distill_loss
 from .fused_linear import fused_linear_distill_loss
 from .loss import FusedDistillLoss, FusedLinearDistillLoss
@@ -8,7 +9,9 @@ from .loss import FusedDistillLoss, FusedLinearDistillLoss
 __all__ = [
     "FusedDistillLoss",
     "FusedLinearDistillLoss",
+    "SparseTeacher",
     "fused_distill_loss",
     "fused_linear_distill_loss",
     "reference",
+    "sparse",
 ]

@@ -275,6 +275,8 @@ def validate_linear_tensors(
         tensors += [("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)]
         if teacher_bias is not None:
             tensors.append(("teacher_bias", teacher_bias))
+    elif type(teacher_logits).__name__ == "SparseTeacher":
+        pass  # validate_sparse_teacher checks it against the student
     else:
         _check_floating("teacher_logits", teacher_logits)
         if teacher_logits.shape[:-1] != lead:
@@ -324,4 +326,81 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
         raise ValueError(
             f"labels{list(idx)} = {int(labels[idx])} is outside [0, V) with V = {vocab} "
             f"and is not ignore_index = {ignore_index}"
+        )
+
+
+TAILS = ("ghost", "renormalize")
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def validate_sparse_fields(indices, logprobs, tail, store_temperature) -> None:
+    """A sparse teacher's own fields (DESIGN.md section 6): ``indices`` and
+    ``logprobs`` of one shape ``[..., k]`` on one device, the tail rule and the
+    store temperature."""
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in INDEX_DTYPES:
+        got = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise TypeError(f"indices must be an int32 or int64 tensor, got {got}")
+    _check_floating("logprobs", logprobs)
+    if indices.shape != logprobs.shape:
+        raise ValueError(
+            "indices and logprobs must have the same shape [..., k], got "
+            f"{tuple(indices.shape)} and {tuple(logprobs.shape)}"
+        )
+    if indices.dim() < 1:
+        raise ValueError("indices and logprobs must have a last dim k, got 0-d tensors")
+    if indices.device != logprobs.device:
+        raise ValueError(
+            "indices and logprobs must be on one device, got "
+            f"{indices.device} and {logprobs.device}"
+        )
+    _check_choice("tail", tail, TAILS)
+    ts = _check_real("store_temperature", store_temperature)
+    if not (math.isfinite(ts) and ts > 0):
+        raise ValueError(f"store_temperature must be finite and > 0, got {store_temperature!r}")
+
+
+def validate_sparse_teacher(lead: torch.Size, device, teacher, *, divergence, teacher_vocab, what):
+    """A sparse teacher against the student it teaches: its rows are the
+    student's ``lead`` dims, on its device; renormalize takes forward_kl only."""
+    if teacher.indices.shape[:-1] != lead:
+        raise ValueError(
+            f"the sparse teacher's indices {tuple(teacher.indices.shape)} must have the "
+            f"leading dims {tuple(lead)} of {what}"
+        )
+    if teacher.indices.device != device:
+        raise ValueError(
+            f"the sparse teacher must be on the student's device {device}, got "
+            f"{teacher.indices.device}"
+        )
+    if teacher.tail == "renormalize" and divergence != "forward_kl":
+        raise ValueError(
+            "tail='renormalize' keeps only the stored ids' weights, so it is defined for "
+            f"divergence='forward_kl' only (DESIGN.md section 6), got {divergence!r}; "
+            "use tail='ghost' for the other divergences"
+        )
+    if teacher_vocab != "exact":
+        raise ValueError(
+            "teacher_vocab applies to dense teacher logits; a sparse teacher's ids must lie in "
+            "the student's vocabulary [0, V)"
+        )
+
+
+def check_sparse_indices(indices: torch.Tensor, vocab: int) -> None:
+    """Raises for a kept id outside [0, V) (-1 pads) or repeated within its row
+    (eager only; the kernels check inside the op)."""
+    idx = indices.reshape(-1, indices.shape[-1]).to(torch.int64)
+    bad = (idx != -1) & ((idx < 0) | (idx >= vocab))
+    if bool(bad.any()):
+        i, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(
+            f"sparse teacher indices[{i}, {j}] = {int(idx[i, j])} is outside [0, V) with "
+            f"V = {vocab} (-1 pads a row)"
+        )
+    ordered, _ = idx.sort(dim=-1)
+    repeat = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != -1)
+    if bool(repeat.any()):
+        i, j = (int(x) for x in repeat.nonzero()[0])
+        raise ValueError(
+            f"sparse teacher row {i} keeps id {int(ordered[i, j + 1])} twice: a row's kept ids "
+            "must be distinct"
         )

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from . import ops, reference
-from ._types import DistillLossOutput
+from ._types import DistillLossOutput, SparseTeacher
 from ._validation import (
     teacher_columns,
     validate_num_items,
@@ -135,9 +135,35 @@ def scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     return torch.mul(grad, scale, out=torch.empty_like(grad))
 
 
-class _FusedDistillFunction(torch.autograd.Function):
-    """Forward runs the fused kernel, which also writes the student gradient of
-    the reduced loss; backward only scales that saved gradient by grad_output."""
+class SavedGradientFunction(torch.autograd.Function):
+    """What the logits losses' autograd functions share: forward runs a fused
+    kernel that also writes the student gradient of the reduced loss, and
+    hands it to finish(); backward only scales that saved gradient by
+    grad_output (and returns None for every other input)."""
+
+    @staticmethod
+    def finish(ctx, hard, soft, grad, alpha, reduction, denom, inputs: int):
+        """(loss, hard, soft) reduced, with grad saved for backward; inputs:
+        how many arguments forward took besides ctx."""
+        loss, hard, soft = combine_and_reduce(hard, soft, alpha, reduction, denom)
+        ctx.mark_non_differentiable(hard, soft)
+        ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        ctx.inputs = inputs
+        return loss, hard, soft
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_hard, _grad_soft):
+        refuse_double_backward()
+        (grad,) = ctx.saved_tensors
+        none = (None,) * (ctx.inputs - 1)
+        if ctx.reduction != "none" and upstream_is_one(grad_loss, grad):
+            return (grad,) + none
+        return (scaled(grad, grad_loss),) + none
+
+
+class _FusedDistillFunction(SavedGradientFunction):
+    """The dense teacher's: forward runs distill_forward."""
 
     @staticmethod
     def forward(
@@ -172,20 +198,7 @@ class _FusedDistillFunction(torch.autograd.Function):
             compute_grad=compute_grad,
             label_smoothing=label_smoothing,
         )
-        loss, hard, soft = combine_and_reduce(hard, soft, alpha, reduction, denom)
-        ctx.mark_non_differentiable(hard, soft)
-        ctx.save_for_backward(grad)
-        ctx.reduction = reduction
-        return loss, hard, soft
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_hard, _grad_soft):
-        refuse_double_backward()
-        (grad,) = ctx.saved_tensors
-        none = (None,) * 12
-        if ctx.reduction != "none" and upstream_is_one(grad_loss, grad):
-            return (grad,) + none
-        return (scaled(grad, grad_loss),) + none
+        return SavedGradientFunction.finish(ctx, hard, soft, grad, alpha, reduction, denom, 13)
 
 
 def fused_distill_loss(
@@ -225,6 +238,8 @@ def fused_distill_loss(
     Args:
         student_logits: ``[..., V]`` float32/float16/bfloat16; gets the gradient.
         teacher_logits: same shape, any of those dtypes; treated as a constant.
+            Or a :class:`kdfused.SparseTeacher` (stored top-k log-probabilities,
+            DESIGN.md section 6): no ``[..., V]`` teacher tensor is formed.
         labels: int64 ``[...]`` class indices, or None (then ``alpha`` must be 0).
         backend: ``"auto"`` (the compiled kernel for the tensors' device, else
             the reference with a warning), ``"cpu"``, ``"cuda"`` or ``"reference"``.
@@ -244,6 +259,26 @@ def fused_distill_loss(
         The float32 loss (or the NamedTuple). The gradient is computed in the
         forward call, so backward costs at most one scaling pass.
     """
+    if isinstance(teacher_logits, SparseTeacher):  # DESIGN.md section 6: its own module
+        from .sparse import sparse_distill_loss
+
+        return sparse_distill_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            temperature=temperature,
+            alpha=alpha,
+            divergence=divergence,
+            beta=beta,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            scale_by_t2=scale_by_t2,
+            label_smoothing=label_smoothing,
+            backend=backend,
+            teacher_vocab=teacher_vocab,
+            num_items_in_batch=num_items_in_batch,
+            return_components=return_components,
+        )
     validate_options(
         temperature=temperature,
         alpha=alpha,

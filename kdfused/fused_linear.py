@@ -7,7 +7,8 @@ teacher's logits of the same rows, runs the fused kernel (loss rows and the
 logits' gradient in one call), and turns that gradient into the gradients of
 the hidden states, the weight and the bias with two more matmuls and a sum.
 The teacher source is a small object per kind of teacher (hidden states +
-weight, dense logits), so that the loop has no branch per kind.
+weight, dense logits, a sparse top-k teacher) that runs the kernel for a
+chunk, so that the loop has no branch per kind.
 
 Memory beyond the inputs and their gradients: one chunk's student logits, the
 kernel's gradient of them and the teacher's logits (none for dense teacher
@@ -24,13 +25,14 @@ from __future__ import annotations
 import torch
 
 from . import ops, reference
-from ._types import DistillLossOutput
+from ._types import DistillLossOutput, SparseTeacher
 from ._validation import (
     teacher_columns,
     validate_linear_options,
     validate_linear_tensors,
     validate_num_items,
     validate_options,
+    validate_sparse_teacher,
 )
 from .functional import (
     choose_backend,
@@ -74,7 +76,26 @@ def linear_logits(hidden, weight, bias, softcap, out=None):
     return logits
 
 
-class _HiddenTeacher:
+class _DenseSource:
+    """What the dense teachers share: the dense kernel on a chunk's student
+    logits and the teacher's logits of the same rows (self.logits)."""
+
+    inplace = True  # may the kernel write the gradient over the student's logits
+
+    def distill(self, s, start, stop, buffer, y, grad_scale, options, mode, g_buffer):
+        """(hard_rows, soft_rows, gradient or None) of the chunk [start, stop)
+        whose student logits are s; mode: see _gradient_mode ("none": no
+        gradient)."""
+        t = self.logits(start, stop, buffer)
+        if mode in ("none", "new"):
+            return ops.distill_forward(s, t, y, grad_scale, **options, compute_grad=mode == "new")
+        if mode == "inplace":
+            return (*ops.distill_forward_inplace(s, t, y, grad_scale, **options), s)
+        g = g_buffer[: stop - start]
+        return (*ops.distill_forward_out(s, t, y, grad_scale, g, **options), g)
+
+
+class _HiddenTeacher(_DenseSource):
     """The teacher's logits formed chunk by chunk from its hidden states and
     weight (no gradient: the teacher is a constant)."""
 
@@ -92,7 +113,7 @@ class _HiddenTeacher:
         return linear_logits(self.hidden[start:stop], self.weight, self.bias, self.softcap, out)
 
 
-class _LogitsTeacher:
+class _LogitsTeacher(_DenseSource):
     """Dense teacher logits [N, V], read in place chunk by chunk."""
 
     def __init__(self, logits):
@@ -108,7 +129,36 @@ class _LogitsTeacher:
         return self.logits2d[start:stop]
 
 
-def _teacher_source(t_hidden, t_weight, t_bias, t_logits, t_cap):
+class _SparseSource:
+    """A sparse teacher's [N, k] ids and log-probabilities (DESIGN.md section
+    6), read in place chunk by chunk by the sparse-teacher kernel."""
+
+    inplace = False
+
+    def __init__(self, indices, logprobs, tail, store_temperature):
+        self.indices, self.logprobs = indices, logprobs
+        self.meta = dict(tail=tail, store_temperature=store_temperature)
+
+    def row_bytes(self) -> int:
+        return 0
+
+    def buffer(self, rows: int) -> None:
+        return None
+
+    def distill(self, s, start, stop, buffer, y, grad_scale, options, mode, g_buffer):
+        i, lp = self.indices[start:stop], self.logprobs[start:stop]
+        opts = {**options, **self.meta}
+        if mode in ("none", "new"):
+            return ops.sparse_distill_forward(
+                s, i, lp, y, grad_scale, **opts, compute_grad=mode == "new"
+            )
+        g = g_buffer[: stop - start]
+        return (*ops.sparse_distill_forward_out(s, i, lp, y, grad_scale, g, **opts), g)
+
+
+def _teacher_source(t_hidden, t_weight, t_bias, t_logits, t_cap, t_indices, t_logprobs, t_sparse):
+    if t_sparse is not None:
+        return _SparseSource(t_indices, t_logprobs, *t_sparse)
     if t_logits is not None:
         return _LogitsTeacher(t_logits)
     return _HiddenTeacher(t_hidden, t_weight, t_bias, t_cap)
@@ -124,7 +174,7 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.mm(a, b))
 
 
-def _gradient_mode(device_type: str, s_cap) -> str:
+def _gradient_mode(device_type: str, s_cap, teacher) -> str:
     """Where the kernel writes a chunk's logits gradient: over the logits
     themselves where that kernel can ("inplace", the CPU's, and only without a
     student softcap, whose derivative needs the logits after the kernel), else
@@ -134,7 +184,7 @@ def _gradient_mode(device_type: str, s_cap) -> str:
     graph plans its own buffers anyway."""
     if torch.compiler.is_compiling():
         return "new"
-    if s_cap is None and device_type in ops.INPLACE_DEVICES:
+    if s_cap is None and teacher.inplace and device_type in ops.INPLACE_DEVICES:
         return "inplace"
     return "out"
 
@@ -160,7 +210,7 @@ def _chunk_pass(
     n, vocab = s_hidden.shape[0], s_weight.shape[0]
     need_hidden, need_weight, need_bias = need
     compute_grad = need_hidden or need_weight or need_bias
-    mode = _gradient_mode(s_hidden.device.type, s_cap)
+    mode = _gradient_mode(s_hidden.device.type, s_cap, teacher) if compute_grad else "none"
     hard = s_hidden.new_empty(n, dtype=torch.float32)
     soft = s_hidden.new_empty(n, dtype=torch.float32)
     rows = min(chunk, n)
@@ -175,27 +225,12 @@ def _chunk_pass(
         stop = min(n, start + chunk)
         h = s_hidden[start:stop]
         s = linear_logits(h, s_weight, s_bias, s_cap, s_buffer[: stop - start])
-        t = teacher.logits(start, stop, t_buffer)
         y = None if labels is None else labels[start:stop]
+        hard[start:stop], soft[start:stop], g = teacher.distill(
+            s, start, stop, t_buffer, y, grad_scale, kernel_options, mode, g_buffer
+        )
         if not compute_grad:
-            hard[start:stop], soft[start:stop], _ = ops.distill_forward(
-                s, t, y, grad_scale, **kernel_options, compute_grad=False
-            )
             continue
-        if mode == "new":
-            hard[start:stop], soft[start:stop], g = ops.distill_forward(
-                s, t, y, grad_scale, **kernel_options, compute_grad=True
-            )
-        elif mode == "inplace":
-            hard[start:stop], soft[start:stop] = ops.distill_forward_inplace(
-                s, t, y, grad_scale, **kernel_options
-            )
-            g = s
-        else:
-            g = g_buffer[: stop - start]
-            hard[start:stop], soft[start:stop] = ops.distill_forward_out(
-                s, t, y, grad_scale, g, **kernel_options
-            )
         if row_weights is not None:
             g.mul_(row_weights[start:stop, None])
         if s_cap is not None:
@@ -232,6 +267,9 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
         t_weight,
         t_bias,
         t_logits,
+        t_indices,
+        t_logprobs,
+        t_sparse,
         temperature,
         alpha,
         divergence,
@@ -248,12 +286,15 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
         need_weight,
         need_bias,
     ):
-        teacher = _teacher_source(t_hidden, t_weight, t_bias, t_logits, t_cap)
+        teacher = _teacher_source(
+            t_hidden, t_weight, t_bias, t_logits, t_cap, t_indices, t_logprobs, t_sparse
+        )
         n = s_hidden.shape[0]
         if chunk_size is None:
             # The student's logits, their gradient unless it overwrites them,
             # and the teacher's logits.
-            s_copies = 1 if _gradient_mode(s_hidden.device.type, s_cap) == "inplace" else 2
+            mode = _gradient_mode(s_hidden.device.type, s_cap, teacher)
+            s_copies = 1 if mode == "inplace" else 2
             row_bytes = s_weight.shape[0] * s_copies * s_weight.element_size()
             chunk_size = default_chunk_size(
                 n, row_bytes + teacher.row_bytes(), s_hidden.device.type
@@ -289,9 +330,18 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
         ctx.reduction = reduction
         if reduction == "none":
             ctx.save_for_backward(
-                s_hidden, s_weight, s_bias, labels, t_hidden, t_weight, t_bias, t_logits
+                s_hidden,
+                s_weight,
+                s_bias,
+                labels,
+                t_hidden,
+                t_weight,
+                t_bias,
+                t_logits,
+                t_indices,
+                t_logprobs,
             )
-            ctx.recompute = (s_cap, t_cap, kernel_options, chunk_size, need)
+            ctx.recompute = (s_cap, t_cap, t_sparse, kernel_options, chunk_size, need)
         else:
             ctx.save_for_backward(*grads)
         return loss, hard, soft
@@ -299,13 +349,14 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):
         refuse_double_backward()
-        none = (None,) * 20
+        none = (None,) * 23
         if ctx.reduction == "none":
-            s_hidden, s_weight, s_bias, labels, t_hidden, t_weight, t_bias, t_logits = (
-                ctx.saved_tensors
+            s_hidden, s_weight, s_bias, labels, *t_tensors = ctx.saved_tensors
+            t_hidden, t_weight, t_bias, t_logits, t_indices, t_logprobs = t_tensors
+            s_cap, t_cap, t_sparse, kernel_options, chunk_size, need = ctx.recompute
+            teacher = _teacher_source(
+                t_hidden, t_weight, t_bias, t_logits, t_cap, t_indices, t_logprobs, t_sparse
             )
-            s_cap, t_cap, kernel_options, chunk_size, need = ctx.recompute
-            teacher = _teacher_source(t_hidden, t_weight, t_bias, t_logits, t_cap)
             _, _, grads = _chunk_pass(
                 s_hidden,
                 s_weight,
@@ -336,7 +387,7 @@ def fused_linear_distill_loss(
     teacher_weight: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | SparseTeacher | None = None,
     temperature: float = 2.0,
     alpha: float = 0.5,
     divergence: str = "forward_kl",
@@ -371,7 +422,10 @@ def fused_linear_distill_loss(
         labels: int64 ``[...]`` (the hidden states' leading dims), or None.
         teacher_hidden, teacher_weight, teacher_bias: ``[..., Ht]``, ``[V, Ht]``,
             ``[V]``; treated as constants.
-        teacher_logits: ``[..., V]``, instead of the teacher's hidden states.
+        teacher_logits: ``[..., V]``, instead of the teacher's hidden states;
+            or a :class:`kdfused.SparseTeacher` (stored top-k log-probabilities,
+            DESIGN.md section 6), read by the sparse-teacher kernel chunk by
+            chunk.
         teacher_vocab: ``"truncate"`` takes a wider teacher's first V rows of
             its weight and bias (or columns of its logits), views, no copies.
         num_items_in_batch: the batchmean divisor, as in
@@ -416,7 +470,17 @@ def fused_linear_distill_loss(
         teacher_vocab=teacher_vocab,
     )
     vocab = student_weight.shape[0]
-    if teacher_logits is not None:
+    sparse_teacher = teacher_logits if isinstance(teacher_logits, SparseTeacher) else None
+    if sparse_teacher is not None:
+        validate_sparse_teacher(
+            student_hidden.shape[:-1],
+            student_hidden.device,
+            sparse_teacher,
+            divergence=divergence,
+            teacher_vocab=teacher_vocab,
+            what=f"student_hidden {tuple(student_hidden.shape)}",
+        )
+    elif teacher_logits is not None:
         teacher_logits = teacher_columns(teacher_logits, vocab)
     else:
         teacher_weight = teacher_columns(teacher_weight, vocab, dim=0)
@@ -445,13 +509,14 @@ def fused_linear_distill_loss(
             **caps,
         )
     kernel_dtype_check("student_hidden", student_hidden)
-    kernel_dtype_check(
-        *(
-            ("teacher_logits", teacher_logits)
-            if teacher_logits is not None
-            else ("teacher_hidden", teacher_hidden)
+    if sparse_teacher is None:
+        kernel_dtype_check(
+            *(
+                ("teacher_logits", teacher_logits)
+                if teacher_logits is not None
+                else ("teacher_hidden", teacher_hidden)
+            )
         )
-    )
 
     hs = student_hidden.shape[-1]
     lead = student_hidden.shape[:-1]
@@ -461,11 +526,13 @@ def fused_linear_distill_loss(
         if teacher_hidden is None
         else teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     )
-    t_logits = (
-        None
-        if teacher_logits is None
-        else teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    )
+    t_logits = t_indices = t_logprobs = t_sparse = None
+    if sparse_teacher is not None:
+        flat = sparse_teacher.flatten()
+        t_indices, t_logprobs = flat.indices, flat.logprobs.detach()
+        t_sparse = (sparse_teacher.tail, sparse_teacher.store_temperature)
+    elif teacher_logits is not None:
+        t_logits = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     detach = lambda x: None if x is None else x.detach()  # noqa: E731
     flat_labels = None if labels is None else labels.reshape(-1)
     grad_on = torch.is_grad_enabled()
@@ -483,6 +550,9 @@ def fused_linear_distill_loss(
         detach(teacher_weight),
         detach(teacher_bias),
         t_logits,
+        t_indices,
+        t_logprobs,
+        t_sparse,
         *options.values(),
         num_items_in_batch,
         caps["student_softcap"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._types import SparseTeacher
 from ._validation import validate_linear_options, validate_options
 from .functional import fused_distill_loss
 from .fused_linear import fused_linear_distill_loss
@@ -97,6 +98,8 @@ class FusedDistillLoss(_DistillOptions):
         loss_fn = kdfused.FusedDistillLoss(temperature=2.0, alpha=0.5)
         loss = loss_fn(student_logits, teacher_logits, labels)   # [..., V], [..., V], [...]
         loss.backward()
+        teacher = kdfused.sparse.topk(teacher_logits, k=64)       # or sparse.load(store, rows)
+        loss = loss_fn(student_logits, teacher, labels)           # a stored top-k teacher
 
     See :func:`kdfused.fused_distill_loss` for the arguments.
     """
@@ -130,7 +133,7 @@ class FusedDistillLoss(_DistillOptions):
     def forward(
         self,
         student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | SparseTeacher,
         labels: torch.Tensor | None = None,
         return_components: bool = False,
         *,
@@ -160,6 +163,8 @@ class FusedLinearDistillLoss(_DistillOptions):
                        teacher_hidden, teacher.lm_head.weight, labels)
         loss = loss_fn(student_hidden, student.lm_head.weight, None, None, labels,
                        teacher_logits=teacher_logits)   # a teacher given as logits
+        loss = loss_fn(student_hidden, student.lm_head.weight, None, None, labels,
+                       teacher_logits=kdfused.sparse.load(store, rows))  # stored top-k
 
     Options as :class:`FusedDistillLoss`, plus ``chunk_size`` (rows per chunk;
     None: within a 64 MiB budget on the CPU,
@@ -213,7 +218,7 @@ class FusedLinearDistillLoss(_DistillOptions):
         student_bias: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
         *,
-        teacher_logits: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | SparseTeacher | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         return_components: bool = False,
     ):

@@ -17,6 +17,8 @@ except ImportError as err:  # not built: functional falls back to the reference
     LOAD_ERROR = err
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The CUDA top-k kernel's largest k (kMaxTopk in csrc/cuda/sparse_kernel.cuh).
+CUDA_TOPK_MAX_K = 2048
 
 # Device types with a compiled kernel, read once from the dispatcher (a plain
 # set lookup is what torch.compile can trace; the dispatcher query is not).
@@ -130,6 +132,81 @@ def distill_forward_inplace(
     )
 
 
+def _sparse_scalars(
+    temperature, store_temperature, tail, alpha, divergence, beta, ignore_index, scale_by_t2
+) -> tuple:
+    """The sparse ops' options in their schema order and types."""
+    return (
+        float(temperature),
+        float(store_temperature),
+        tail,
+        float(alpha),
+        divergence,
+        float(beta),
+        int(ignore_index),
+        bool(scale_by_t2),
+    )
+
+
+def sparse_distill_forward(
+    student: torch.Tensor,
+    indices: torch.Tensor,
+    logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_scale: torch.Tensor | None,
+    *,
+    compute_grad: bool,
+    label_smoothing: float = 0.0,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sparse-teacher kernel on [N, V] student logits and an [N, k]
+    teacher (options: temperature, store_temperature, tail, alpha, divergence,
+    beta, ignore_index, scale_by_t2). Returns ``(hard_rows, soft_rows, grad)``
+    as :func:`distill_forward`. Raises ValueError for a kept id outside
+    [0, V) or repeated within its row (CPU; CUDA: a device-side assert)."""
+    return torch.ops.kdfused.sparse_distill_forward.default(
+        student,
+        indices,
+        logprobs,
+        labels,
+        grad_scale,
+        *_sparse_scalars(**options),
+        bool(compute_grad),
+        float(label_smoothing),
+    )
+
+
+def sparse_distill_forward_out(
+    student: torch.Tensor,
+    indices: torch.Tensor,
+    logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_scale: torch.Tensor | None,
+    grad: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparse_distill_forward with the gradient written into `grad`."""
+    return torch.ops.kdfused.sparse_distill_forward_out.default(
+        student,
+        indices,
+        logprobs,
+        labels,
+        grad_scale,
+        *_sparse_scalars(**options),
+        grad,
+        float(label_smoothing),
+    )
+
+
+def sparse_topk(logits: torch.Tensor, k: int, temperature: float):
+    """The k largest log_softmax(logits / temperature) per row of [N, V]
+    logits, largest first (ties: the lower id first): (int64 ids, float32
+    log-probs), each [N, k]."""
+    return torch.ops.kdfused.sparse_topk.default(logits, int(k), float(temperature))
+
+
 if LOAD_ERROR is None:
 
     @torch.library.register_fake("kdfused::distill_forward")
@@ -161,3 +238,21 @@ if LOAD_ERROR is None:
 
     torch.library.register_fake("kdfused::distill_forward_out", _loss_rows_fake)
     torch.library.register_fake("kdfused::distill_forward_inplace", _loss_rows_fake)
+
+    @torch.library.register_fake("kdfused::sparse_distill_forward")
+    def _sparse_forward_fake(student, indices, logprobs, labels, grad_scale, *args):
+        n, v = student.shape
+        compute_grad = args[8]
+        rows = student.new_empty((n,), dtype=torch.float32)
+        grad = student.new_empty((n, v) if compute_grad else (0,))
+        return rows, torch.empty_like(rows), grad
+
+    torch.library.register_fake("kdfused::sparse_distill_forward_out", _loss_rows_fake)
+
+    @torch.library.register_fake("kdfused::sparse_topk")
+    def _sparse_topk_fake(logits, k, temperature):
+        n = logits.shape[0]
+        return (
+            logits.new_empty((n, k), dtype=torch.int64),
+            logits.new_empty((n, k), dtype=torch.float32),
+        )

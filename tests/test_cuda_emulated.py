@@ -13,9 +13,11 @@ import torch
 from hypothesis import given, settings
 from oracle import check_against_oracle, make_labels, make_logits, run_loss
 from test_property import problems
+from test_sparse import check_sparse, make_teacher
+from test_sparse import test_fused_linear_sparse_teacher as sparse_linear_case
 
 import kdfused
-from kdfused import ops
+from kdfused import SparseTeacher, ops
 
 pytestmark = pytest.mark.emulated
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,7 +32,9 @@ def _emulated_op():
         name="kdfused_cuda_emulator",
         sources=[
             str(ROOT / "tests/emulator/distill_emulated.cpp"),
+            str(ROOT / "tests/emulator/sparse_emulated.cpp"),
             str(ROOT / "csrc/distill_op.cpp"),
+            str(ROOT / "csrc/sparse_op.cpp"),
         ],
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests/emulator")],
         extra_cflags=["-O2", "-std=c++20"],
@@ -59,6 +63,21 @@ def _route_to_emulator(patch):
 
     patch.setattr(ops, "distill_forward", forward)
     patch.setattr(ops, "distill_forward_out", forward_out)
+    emulated_ops = torch.ops.kdfused_emulated
+
+    def sparse_forward(s, i, lp, y, scale, *, compute_grad, label_smoothing=0.0, **options):
+        return emulated_ops.sparse_distill_forward.default(
+            s, i, lp, y, scale, *ops._sparse_scalars(**options), compute_grad, label_smoothing
+        )
+
+    def sparse_forward_out(s, i, lp, y, scale, grad, *, label_smoothing=0.0, **options):
+        return emulated_ops.sparse_distill_forward_out.default(
+            s, i, lp, y, scale, *ops._sparse_scalars(**options), grad, label_smoothing
+        )
+
+    patch.setattr(ops, "sparse_distill_forward", sparse_forward)
+    patch.setattr(ops, "sparse_distill_forward_out", sparse_forward_out)
+    patch.setattr(ops, "sparse_topk", emulated_ops.sparse_topk.default)
     # The CUDA kernel has no in-place form: the fused-linear loss uses forward_out.
     patch.setattr(ops, "INPLACE_DEVICES", frozenset())
     return op
@@ -312,3 +331,73 @@ def test_truncated_teacher_and_num_items(emulated, divergence):
     check_against_oracle(
         s, wide, y, divergence=divergence, teacher_vocab="truncate", num_items_in_batch=7
     )
+
+
+# ---- the sparse teacher's kernels (csrc/cuda/sparse_kernel.cuh) ----------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("vocab", [33, 2053])
+def test_sparse_loss(emulated, dtype, divergence, vocab):
+    """The CUDA sparse-teacher kernel against the float64 reference: padded
+    rows, ignored rows, ids on the scalar head and tail, label smoothing."""
+    s = make_logits((6, vocab), dtype, seed=160)
+    teacher, _ = make_teacher((6,), vocab, 17, store_temperature=1.5, pad_rows=(0, 2))
+    y = make_labels((6,), vocab, "some")
+    y[3] = int(teacher.indices[3, 1])  # a label among the kept ids
+    check_sparse(s, teacher, y, divergence=divergence, temperature=2.0, label_smoothing=0.1)
+    check_sparse(s, teacher, None, alpha=0.0, divergence=divergence, temperature=1.0)
+
+
+def test_sparse_renormalize_and_k_equal_vocab(emulated):
+    s = make_logits((4, 65), seed=161)
+    teacher, _ = make_teacher((4,), 65, 9, tail="renormalize", pad_rows=(1,))
+    check_sparse(s, teacher, make_labels((4,), 65, "some"), temperature=3.0)
+    full, _ = make_teacher((4,), 65, 65, store_temperature=2.0)
+    check_sparse(s, full, make_labels((4,), 65, "none"), divergence="reverse_kl")
+
+
+@pytest.mark.parametrize("bad", [-2, 70, "repeat"])
+def test_sparse_bad_indices_assert(emulated, capfd, bad):
+    s = make_logits((3, 70), seed=162)
+    teacher, _ = make_teacher((3,), 70, 4)
+    ids = teacher.indices.clone()
+    ids[2, 3] = ids[2, 1] if bad == "repeat" else bad
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        kdfused.fused_distill_loss(s, SparseTeacher(ids, teacher.logprobs), None, alpha=0.0)
+    printed = capfd.readouterr().out
+    assert "indices[2, 3]" in printed and ("distinct" in printed or "outside" in printed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 16, 300])
+def test_sparse_topk(emulated, dtype, k):
+    """The CUDA top-k kernel (radix select, ties to the lower id) against a
+    stable sort of the log-softmax; rows of ties, masked and NaN entries."""
+    t = make_logits((5, 3001), dtype, seed=163)
+    t[1] = 0.0
+    t[2, 100:900] = t[2].max() + 1
+    t[3, :50] = -float("inf")
+    got = kdfused.sparse.topk(t, k, temperature=2.0)
+    logp = torch.log_softmax(t.double() / 2.0, -1)
+    values, idx = torch.sort(logp, dim=-1, descending=True, stable=True)
+    assert torch.equal(got.indices, idx[:, :k])
+    torch.testing.assert_close(got.logprobs.double(), values[:, :k], rtol=1e-6, atol=1e-6)
+
+
+def test_sparse_topk_nan_rows_pad(emulated):
+    """A row with fewer than k numbers (the rest NaN): NaN is never chosen; the
+    slots left are padding (-1)."""
+    t = torch.full((1, 40), float("nan"))
+    t[0, 3] = 1.0
+    t[0, 7] = 2.0
+    got = kdfused.sparse.topk(t, 4)
+    assert got.indices.tolist() == [[7, 3, -1, -1]]
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_sparse_fused_linear(emulated, reduction):
+    """The fused-linear loss with a sparse teacher through the CUDA kernel's
+    buffer-writing form (sparse_distill_forward_out), chunk by chunk."""
+    sparse_linear_case("cpu", "jsd", reduction, torch.bfloat16)

@@ -251,7 +251,9 @@ def test_module_and_components():
     assert set(kdfused.__all__) == {
         "FusedDistillLoss",
         "FusedLinearDistillLoss",
+        "SparseTeacher",
         "fused_distill_loss",
         "fused_linear_distill_loss",
         "reference",
+        "sparse",
     }

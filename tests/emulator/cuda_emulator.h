@@ -44,7 +44,9 @@ struct Block {
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<float> lanes;  // one shuffle slot per thread
-  alignas(64) std::byte shared[4096];
+  alignas(64) std::byte shared[8192];
+  std::vector<std::byte> dynamic;  // the launch's dynamic shared memory
+  std::atomic<int> votes{0};       // __syncthreads_or
 };
 
 // The blocks of the cluster being run.
@@ -57,6 +59,7 @@ struct Cluster {
 inline thread_local Block* block = nullptr;
 inline thread_local Cluster* cluster = nullptr;
 inline thread_local unsigned cluster_rank = 0;
+inline size_t dynamic_bytes = 0;  // of the launch being run
 inline std::atomic<int> failed_asserts{0};
 inline std::string first_failed;  // written by the first failing thread only
 
@@ -76,8 +79,10 @@ void launch(unsigned grid, unsigned threads, unsigned cluster_size, void (*kerne
   grid_dim = Dim3{grid};
   for (unsigned first = 0; first < grid; first += cluster_size) {
     Cluster group(cluster_size, threads);
-    for (unsigned r = 0; r < cluster_size; ++r)
+    for (unsigned r = 0; r < cluster_size; ++r) {
       group.blocks.push_back(std::make_unique<Block>(threads));
+      group.blocks.back()->dynamic.resize(dynamic_bytes + 16);
+    }
     std::vector<std::thread> pool;
     pool.reserve(cluster_size * threads);
     for (unsigned r = 0; r < cluster_size; ++r) {
@@ -114,9 +119,33 @@ T& block_shared() {
 
 inline void __syncthreads() { emu::block->all.arrive_and_wait(); }
 
+// A barrier that also tells every thread whether any thread's predicate held.
+inline int __syncthreads_or(int predicate) {
+  if (predicate) emu::block->votes.fetch_add(1);
+  emu::block->all.arrive_and_wait();
+  const int any = emu::block->votes.load() > 0;
+  emu::block->all.arrive_and_wait();  // all have read the count
+  if (threadIdx.x == 0) emu::block->votes.store(0);
+  emu::block->all.arrive_and_wait();  // reset before the next vote
+  return any;
+}
+
+// Shared-memory atomics (the values CUDA's return: the old ones).
+template <typename T>
+T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value);
+}
+template <typename T>
+T atomicOr(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_or(value);
+}
+
 // The cluster primitives of distill_kernel.cuh.
 #define KDFUSED_EMULATED 1
 #define KDFUSED_BLOCK_SHARED(Type, name) Type& name = emu::block_shared<Type>()
+// The launch's dynamic shared memory (emu::dynamic_bytes of it), as Type[].
+#define KDFUSED_DYNAMIC_SHARED(Type, name) \
+  Type* name = reinterpret_cast<Type*>(emu::block->dynamic.data())
 inline unsigned cluster_blocks() { return static_cast<unsigned>(emu::cluster->blocks.size()); }
 inline unsigned cluster_rank() { return emu::cluster_rank; }
 inline void cluster_sync() { emu::cluster->all.arrive_and_wait(); }

@@ -1,0 +1,165 @@
+"""The sparse teacher (DESIGN.md section 6): what training from stored top-k
+costs next to the dense teacher, what extracting the top k costs next to
+PyTorch, and what the store takes on disk.
+
+    python -m benchmarks.sparse --sizes 4096x32000 --k 64 --reps 9
+
+Three measurements per size, each with its cases taking turns run by run in
+one process (ratios from turns are steadier on a noisy machine):
+
+- step: kdfused's full training step (forward + backward) with the dense
+  teacher logits, with a sparse teacher of the same rows' top k (ghost tail),
+  and the pure-PyTorch reference of the sparse loss (eager); median time,
+  ratio to the dense step, and the peak memory growth of one step in N x V
+  buffers of the student's dtype (the gradient alone is 1).
+- top-k: kdfused.sparse.topk against torch.topk(torch.log_softmax(t / T), k).
+- store: bytes per token on disk (a store of the N rows written with
+  float16 log-probs), against k * 6 and the V * 2 of bf16 logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+import kdfused
+from kdfused import reference, sparse
+
+from .run import (
+    DTYPES,
+    PeakMemory,
+    Timer,
+    bench_cases,
+    commit,
+    device_name,
+    make_inputs,
+    parse_sizes,
+)
+
+
+def sparse_teacher(teacher_logits, k, temperature):
+    """The teacher's top k at the loss temperature (what a store would hold)."""
+    return sparse.topk(teacher_logits, k, temperature=temperature)
+
+
+def step_cases(n, v, k, dtype, device, warmup, reps, with_eager=True):
+    """[(case, median seconds, peak growth in N x V student-dtype buffers)]."""
+    inputs = make_inputs(n, v, dtype, device)
+    student, teacher_logits, labels = inputs
+    teacher = sparse_teacher(teacher_logits, k, 2.0)
+    loss_fn = kdfused.FusedDistillLoss(temperature=2.0)
+    cases = [
+        ("dense teacher, kdfused", loss_fn),
+        (f"sparse teacher k={k}, kdfused", lambda s, t, y: loss_fn(s, teacher, y)),
+    ]
+    if with_eager:
+
+        def eager(s, t, y):
+            return reference.sparse_distill_loss(
+                s, teacher.indices, teacher.logprobs, y, store_temperature=2.0, temperature=2.0
+            )
+
+        cases.append((f"sparse teacher k={k}, eager (reference)", eager))
+    results = bench_cases([(fn, "full") for _, fn in cases], inputs, device, warmup, reps, True)
+    nv = n * v * student.element_size()
+    return [
+        (name, seconds, peak / nv)
+        for (name, _), (seconds, peak) in zip(cases, results, strict=True)
+    ]
+
+
+def topk_cases(n, v, k, dtype, device, warmup, reps):
+    """[(case, median seconds, peak growth in N x V buffers of the logits' dtype)]."""
+    logits = make_inputs(n, v, dtype, device)[1]
+    cases = [
+        ("kdfused sparse.topk", lambda: sparse.topk(logits, k, temperature=2.0)),
+        (
+            "torch.topk(log_softmax(t / T), k)",
+            lambda: torch.topk(torch.log_softmax(logits.float() / 2.0, -1), k),
+        ),
+    ]
+    ours = sparse.topk(logits, k, temperature=2.0)
+    values = torch.topk(torch.log_softmax(logits.double() / 2.0, -1), k).values
+    torch.testing.assert_close(ours.logprobs.double(), values, rtol=0, atol=1e-4)
+    timer = Timer(device)
+    times = [[] for _ in cases]
+    for i in range(warmup + reps):
+        for c, (_, fn) in enumerate(cases):
+            elapsed = timer(fn)
+            if i >= warmup:
+                times[c].append(elapsed)
+    nv = n * v * logits.element_size()
+    return [
+        (name, statistics.median(t), PeakMemory(device)(fn) / nv)
+        for (name, fn), t in zip(cases, times, strict=True)
+    ]
+
+
+def store_bytes(n, v, k, device) -> float:
+    """Bytes per row on disk of a float16 store of n rows' top k."""
+    logits = make_inputs(n, v, torch.float32, device)[1]
+    teacher = sparse_teacher(logits, k, 1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        sparse.save(Path(tmp) / "store", teacher, vocab_size=v)
+        total = sum(f.stat().st_size for f in (Path(tmp) / "store").iterdir())
+    return total / n
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--sizes", default="4096x32000", help="NxV[,NxV...]")
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--no-eager", action="store_true", help="skip the eager reference")
+    args = parser.parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    print(
+        f"# {device_name(args.device)}, torch {torch.__version__}, commit {commit()}, "
+        f"{args.dtype}, k = {args.k}, median of {args.reps} (turns)",
+        flush=True,
+    )
+    rows = []
+    for n, v in parse_sizes(args.sizes):
+        steps = step_cases(
+            n, v, args.k, dtype, args.device, args.warmup, args.reps, not args.no_eager
+        )
+        base = steps[0][1]
+        for name, seconds, peak in steps:
+            rows.append(("step", n, v, name, seconds, seconds / base, peak))
+            print(
+                f"{n}x{v} step  {name}: {seconds * 1e3:.1f} ms, {seconds / base:.3f}x dense, "
+                f"peak growth {peak:.2f} N x V",
+                flush=True,
+            )
+        picks = topk_cases(n, v, args.k, dtype, args.device, args.warmup, args.reps)
+        base = picks[1][1]
+        for name, seconds, peak in picks:
+            rows.append(("topk", n, v, name, seconds, seconds / base, peak))
+            print(
+                f"{n}x{v} top-k {name}: {seconds * 1e3:.1f} ms, {base / seconds:.2f}x as fast "
+                f"as torch, peak growth {peak:.2f} N x V",
+                flush=True,
+            )
+        try:
+            per_row = store_bytes(min(n, 4096), v, args.k, args.device)
+        except ImportError as err:  # safetensors is the store's optional dependency
+            print(f"{n}x{v} store: not measured ({err})", flush=True)
+            continue
+        rows.append(("store", n, v, "bytes per token", per_row, per_row / (2 * v), None))
+        print(
+            f"{n}x{v} store: {per_row:.1f} bytes per token on disk (k * 6 = {args.k * 6}; "
+            f"bf16 logits V * 2 = {2 * v}: {2 * v / per_row:.0f}x more)",
+            flush=True,
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
