@@ -87,6 +87,22 @@ KDFUSED_INLINE void sparse_grad_chunk(float* KD_R g, const float* KD_R s, const 
   }
 }
 
+// The sum of exp((x - m) / T) over a chunk, in lanes (kFinite: m is finite,
+// so x - m needs no select; a run-time test inside the loop kept GCC from
+// vectorising it).
+template <bool kFinite>
+KDFUSED_INLINE float exp_sum_chunk(const float* KD_R x, int64_t len, float m, float inv_t) {
+  float acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= len; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      acc[l] += exp_affine(kFinite ? x[k + l] - m : below(x[k + l], m), inv_t, 0.f);
+    }
+  }
+  for (int l = 0; k + l < len; ++l) acc[l] += exp_affine(below(x[k + l], m), inv_t, 0.f);
+  return lane_sum(acc);
+}
+
 // Top-k's running softmax over a chunk whose max is cmax: z in units of m.
 KDFUSED_INLINE void topk_sum_chunk(float& m, float& z, const float* KD_R x, int64_t len,
                                    float inv_t, float cmax) {
@@ -95,22 +111,24 @@ KDFUSED_INLINE void topk_sum_chunk(float& m, float& z, const float* KD_R x, int6
     z *= shifted_exp(m, m_new, inv_t);
     m = m_new;
   }
-  float acc[kLanes] = {};
-  const bool finite = std::isfinite(m);
-  int64_t k = 0;
-  for (; k + kLanes <= len; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      acc[l] += exp_affine(finite ? x[k + l] - m : below(x[k + l], m), inv_t, 0.f);
-    }
-  }
-  for (int l = 0; k + l < len; ++l) acc[l] += exp_affine(below(x[k + l], m), inv_t, 0.f);
-  z += lane_sum(acc);
+  z += std::isfinite(m) ? exp_sum_chunk<true>(x, len, m, inv_t)
+                        : exp_sum_chunk<false>(x, len, m, inv_t);
+}
+
+// Whether any of x[0, len) exceeds thr (in lanes: the common answer, no, costs
+// one vector compare per kLanes elements).
+KDFUSED_INLINE bool any_above(const float* KD_R x, int64_t len, float thr) {
+  int hits = 0;
+  for (int64_t k = 0; k < len; ++k) hits += x[k] > thr ? 1 : 0;
+  return hits != 0;
 }
 
 using SparseStatsFn = void (*)(SparseStats&, const float*, const float*, int64_t, float, float*);
 using SparseGradFn = void (*)(float*, const float*, const float*, int64_t, float, float,
                               const RowConsts&, const GradCoefs&);
 using TopkSumFn = void (*)(float&, float&, const float*, int64_t, float, float);
+using AnyAboveFn = bool (*)(const float*, int64_t, float);
+using MaxFn = float (*)(const float*, int64_t);
 
 // One instruction set's chunk kernels (as distill_cpu.cpp's table).
 struct SparseKernels {
@@ -118,6 +136,8 @@ struct SparseKernels {
   SparseGradFn grad[kGradVariants];
   SumFn sum_below;
   TopkSumFn topk_sum;
+  AnyAboveFn any_above;
+  MaxFn max;  // max_chunk (in the table: compiled for the baseline alone it went scalar)
   Load16Fn load_bf16;
   Load16Fn load_f16;
   Store16Fn store_bf16;
@@ -154,6 +174,10 @@ struct SparseKernels {
                                    float cmax) {                                                  \
     topk_sum_chunk(m, z, x, len, inv_t, cmax);                                                    \
   }                                                                                               \
+  __VA_ARGS__ float NAME##_max(const float* x, int64_t len) { return max_chunk(x, len); }         \
+  __VA_ARGS__ bool NAME##_any_above(const float* x, int64_t len, float thr) {                     \
+    return any_above(x, len, thr);                                                                \
+  }                                                                                               \
   __VA_ARGS__ void NAME##_sload_bf16(float* out, const uint16_t* x, int64_t len) {                \
     load_bf16(out, x, len);                                                                       \
   }                                                                                               \
@@ -165,6 +189,8 @@ struct SparseKernels {
       KDFUSED_SPARSE_GRADS(NAME),                                                                 \
       NAME##_ssum_below,                                                                          \
       NAME##_topk_sum,                                                                            \
+      NAME##_any_above,                                                                           \
+      NAME##_max,                                                                                 \
       NAME##_sload_bf16,                                                                          \
       NAME##_load_f16,                                                                            \
       NAME##_sstore_bf16,                                                                         \
@@ -336,19 +362,24 @@ void topk_rows(const S* logits, int64_t stride, int64_t v, int64_t k, float inv_
     for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
       const int64_t len = std::min(kChunk, v - j0);
       const float* x = as_float(row + j0, len, buf, kernels);
-      const float cmax = max_chunk(x, len);
+      const float cmax = kernels.max(x, len);
       kernels.topk_sum(m, z, x, len, inv_t, cmax);
       if (static_cast<int64_t>(heap.size()) == k && !(cmax > heap.front().value)) continue;
-      for (int64_t j = 0; j < len; ++j) {
-        const float value = x[j];
-        if (value != value) continue;
-        if (static_cast<int64_t>(heap.size()) < k) {
-          heap.push_back(Entry{value, j0 + j});
-          std::push_heap(heap.begin(), heap.end(), better);
-        } else if (value > heap.front().value) {
-          std::pop_heap(heap.begin(), heap.end(), better);
-          heap.back() = Entry{value, j0 + j};
-          std::push_heap(heap.begin(), heap.end(), better);
+      for (int64_t g = 0; g < len; g += kLanes) {
+        const int64_t end = std::min(len, g + kLanes);
+        const bool full = static_cast<int64_t>(heap.size()) == k;
+        if (full && !kernels.any_above(x + g, end - g, heap.front().value)) continue;
+        for (int64_t j = g; j < end; ++j) {
+          const float value = x[j];
+          if (value != value) continue;
+          if (static_cast<int64_t>(heap.size()) < k) {
+            heap.push_back(Entry{value, j0 + j});
+            std::push_heap(heap.begin(), heap.end(), better);
+          } else if (value > heap.front().value) {
+            std::pop_heap(heap.begin(), heap.end(), better);
+            heap.back() = Entry{value, j0 + j};
+            std::push_heap(heap.begin(), heap.end(), better);
+          }
         }
       }
     }
