@@ -43,6 +43,29 @@ Divergence parse_divergence(c10::string_view name) {
 
 }  // namespace
 
+Divergence divergence_of(c10::string_view name) { return parse_divergence(name); }
+
+LossParams make_params(double temperature, double alpha, Divergence div, double beta,
+                       int64_t ignore_index, bool scale_by_t2, bool has_labels,
+                       double label_smoothing, int64_t vocab) {
+  LossParams p;
+  const double soft_scale = scale_by_t2 ? temperature * temperature : 1.0;
+  p.inv_t = static_cast<float>(1.0 / temperature);
+  p.alpha = static_cast<float>(alpha);
+  p.soft_scale = static_cast<float>(soft_scale);
+  p.soft_coef = static_cast<float>((1.0 - alpha) * soft_scale);
+  p.beta = static_cast<float>(beta);
+  p.div = div;
+  p.ignore_index = ignore_index;
+  p.has_labels = has_labels;
+  p.t_is_2 = temperature == 2.0;
+  p.t_is_1 = temperature == 1.0;
+  p.label_weight = static_cast<float>(1.0 - label_smoothing);
+  p.smooth_weight = static_cast<float>(label_smoothing / static_cast<double>(vocab));
+  p.smoothing = label_smoothing > 0.0;
+  return p;
+}
+
 DistillProblem prepare_student(const at::Tensor& student, const std::optional<at::Tensor>& labels,
                                const std::optional<at::Tensor>& grad_scale, double temperature,
                                double alpha, c10::string_view divergence, double beta,
@@ -96,21 +119,8 @@ DistillProblem prepare_student(const at::Tensor& student, const std::optional<at
         text(g));
   }
 
-  LossParams& p = prob.params;
-  const double soft_scale = scale_by_t2 ? temperature * temperature : 1.0;
-  p.inv_t = static_cast<float>(1.0 / temperature);
-  p.alpha = static_cast<float>(alpha);
-  p.soft_scale = static_cast<float>(soft_scale);
-  p.soft_coef = static_cast<float>((1.0 - alpha) * soft_scale);
-  p.beta = static_cast<float>(beta);
-  p.div = parse_divergence(divergence);
-  p.ignore_index = ignore_index;
-  p.has_labels = labels.has_value();
-  p.t_is_2 = temperature == 2.0;
-  p.t_is_1 = temperature == 1.0;
-  p.label_weight = static_cast<float>(1.0 - label_smoothing);
-  p.smooth_weight = static_cast<float>(label_smoothing / static_cast<double>(prob.v));
-  p.smoothing = label_smoothing > 0.0;
+  prob.params = make_params(temperature, alpha, parse_divergence(divergence), beta, ignore_index,
+                            scale_by_t2, labels.has_value(), label_smoothing, prob.v);
   return prob;
 }
 

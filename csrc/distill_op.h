@@ -68,6 +68,13 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
                                int64_t ignore_index, bool scale_by_t2,
                                c10::DeviceType kernel_device, double label_smoothing);
 
+// The options folded into LossParams (vocab: the whole vocabulary, for label
+// smoothing's eps / V), and a divergence's name parsed (a ValueError if unknown).
+LossParams make_params(double temperature, double alpha, Divergence div, double beta,
+                       int64_t ignore_index, bool scale_by_t2, bool has_labels,
+                       double label_smoothing, int64_t vocab);
+Divergence divergence_of(c10::string_view name);
+
 // The checks and folded options of the student side alone (prepare_problem
 // without a teacher): the sparse-teacher op's (sparse_op.h) too.
 DistillProblem prepare_student(const at::Tensor& student, const std::optional<at::Tensor>& labels,

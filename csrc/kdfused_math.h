@@ -771,4 +771,47 @@ C10_HOST_DEVICE inline SparseRow sparse_buckets(const float* lb, float* x, int64
   return SparseRow{q * kl_tm + q1 * kl_sm, tail_coef};
 }
 
+// ---------------------------------------------------------------------------
+// Vocab-parallel rows (DESIGN.md section 7): each of W ranks holds a contiguous
+// shard of every row. A rank's statistics phase reduces its shard to a
+// ShardStats; the ranks exchange those (the only data that crosses), and each
+// merges all W in rank order (the same bits everywhere), finishes the row's
+// constants with row_consts, and writes its shard's gradient from them.
+
+// One shard's part of a row, as plain floats (exchanged as a [W, N, 12] tensor).
+struct ShardStats {
+  RowStats st;
+  float sum_below;  // label smoothing: sum over the shard of s - st.ms (0 otherwise)
+  float s_label;    // the label's logit if the label lies in this shard
+  float has_label;  // 1 if it does, else 0
+  float columns;    // the shard's width V_r
+};
+static_assert(sizeof(ShardStats) == 12 * sizeof(float), "ShardStats is 12 floats");
+static_assert(sizeof(RowConsts) == 11 * sizeof(float), "RowConsts is 11 floats");
+
+// The whole row's statistics from W shards' (shard r at shards[r * stride]),
+// merged in rank order: RowStats, label smoothing's sum relative to the merged
+// max (sum_r [sum_below_r + V_r (ms_r - ms)]), and the label's logit.
+C10_HOST_DEVICE inline ShardStats merge_shards(const ShardStats* shards, int64_t w, int64_t stride,
+                                               float inv_t) {
+  ShardStats out = shards[0];
+  for (int64_t r = 1; r < w; ++r) out.st = stats_merge(out.st, shards[r * stride].st, inv_t);
+  out.sum_below = 0.f;
+  out.has_label = 0.f;
+  out.s_label = 0.f;
+  out.columns = 0.f;
+  for (int64_t r = 0; r < w; ++r) {
+    const ShardStats& x = shards[r * stride];
+    // A shard whose max is -inf sums to -inf already (every logit masked).
+    const float shift = x.st.ms == out.st.ms ? 0.f : weighted(x.columns, below(x.st.ms, out.st.ms));
+    out.sum_below += x.sum_below + shift;
+    if (x.has_label != 0.f) {
+      out.s_label = x.s_label;
+      out.has_label = 1.f;
+    }
+    out.columns += x.columns;
+  }
+  return out;
+}
+
 }  // namespace kdfused

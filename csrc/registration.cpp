@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "distill_op.h"
+#include "parallel_op.h"
 #include "sparse_op.h"
 
 extern "C" {
@@ -21,6 +22,11 @@ TORCH_LIBRARY(kdfused, m) {
   m.def(kdfused::kSparseForwardSchema, {at::Tag::pt2_compliant_tag});
   m.def(kdfused::kSparseForwardOutSchema, {at::Tag::pt2_compliant_tag});
   m.def(kdfused::kSparseTopkSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kDistillStatsSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kDistillJsdSumsSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kDistillGradSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kDistillMergeSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kDistillJsdFinishSchema, {at::Tag::pt2_compliant_tag});
   // Which instruction set the CPU kernel uses in this process.
   m.def("cpu_capability() -> str", &kdfused::cpu_capability);
 }
@@ -32,6 +38,11 @@ TORCH_LIBRARY_IMPL(kdfused, CPU, m) {
   m.impl("sparse_distill_forward", &kdfused::sparse_forward_op<kdfused::sparse_cpu>);
   m.impl("sparse_distill_forward_out", &kdfused::sparse_forward_out_op<kdfused::sparse_cpu>);
   m.impl("sparse_topk", &kdfused::sparse_topk_cpu);
+  m.impl("distill_stats", &kdfused::distill_stats_cpu);
+  m.impl("distill_jsd_sums", &kdfused::distill_jsd_sums_cpu);
+  m.impl("distill_grad", &kdfused::distill_grad_cpu);
+  m.impl("distill_merge", &kdfused::distill_merge_cpu);
+  m.impl("distill_jsd_finish", &kdfused::distill_jsd_finish_cpu);
 }
 
 #ifdef KDFUSED_WITH_CUDA  // defined by setup.py when it compiles csrc/cuda/
@@ -41,5 +52,10 @@ TORCH_LIBRARY_IMPL(kdfused, CUDA, m) {
   m.impl("sparse_distill_forward", &kdfused::sparse_forward_op<kdfused::sparse_cuda>);
   m.impl("sparse_distill_forward_out", &kdfused::sparse_forward_out_op<kdfused::sparse_cuda>);
   m.impl("sparse_topk", &kdfused::sparse_topk_cuda);
+  m.impl("distill_stats", &kdfused::distill_stats_cuda);
+  m.impl("distill_jsd_sums", &kdfused::distill_jsd_sums_cuda);
+  m.impl("distill_grad", &kdfused::distill_grad_cuda);
+  m.impl("distill_merge", &kdfused::distill_merge_cuda);
+  m.impl("distill_jsd_finish", &kdfused::distill_jsd_finish_cuda);
 }
 #endif

@@ -217,6 +217,7 @@ def fused_distill_loss(
     backend: str = "auto",
     teacher_vocab: str = "exact",
     num_items_in_batch: int | torch.Tensor | None = None,
+    process_group=None,
     return_components: bool = False,
 ):
     r"""Fused knowledge-distillation loss over logits of shape ``[..., V]``.
@@ -252,6 +253,14 @@ def fused_distill_loss(
             (an int or a 0-d tensor, never read on the host) instead of this
             call's counted rows: the Hugging Face Trainer's convention for
             gradient accumulation and data parallelism.
+        process_group: a ``torch.distributed`` group over which the vocabulary
+            is split (tensor parallelism, DESIGN.md section 7): each rank passes
+            its contiguous shard ``[..., V_r]`` of both models' logits, in
+            group-rank order, and the same global-id labels; every rank gets
+            the whole vocabulary's loss and its shard's gradient. Only per-row
+            statistics cross (one all_gather; two for ``"jsd"``). Logits that
+            are ``DTensor`` with a ``Shard(-1)`` placement need no group: it
+            comes from their mesh.
         return_components: also return the reduced, detached hard and soft terms
             as a :class:`DistillLossOutput` ``(loss, hard_loss, soft_loss)``.
 
@@ -259,7 +268,15 @@ def fused_distill_loss(
         The float32 loss (or the NamedTuple). The gradient is computed in the
         forward call, so backward costs at most one scaling pass.
     """
+    student_logits, teacher_logits, labels, process_group = _from_dtensors(
+        student_logits, teacher_logits, labels, process_group
+    )
     if isinstance(teacher_logits, SparseTeacher):  # DESIGN.md section 6: its own module
+        if process_group is not None:
+            raise NotImplementedError(
+                "kdfused: a sparse teacher with a process_group (vocab-parallel) is not "
+                "supported yet"
+            )
         from .sparse import sparse_distill_loss
 
         return sparse_distill_loss(
@@ -292,7 +309,12 @@ def fused_distill_loss(
         label_smoothing=label_smoothing,
     )
     validate_tensors(
-        student_logits, teacher_logits, labels, alpha=alpha, teacher_vocab=teacher_vocab
+        student_logits,
+        teacher_logits,
+        labels,
+        alpha=alpha,
+        teacher_vocab=teacher_vocab,
+        sharded=process_group is not None,
     )
     validate_num_items(num_items_in_batch, reduction)
     vocab = student_logits.shape[-1]
@@ -307,6 +329,18 @@ def fused_distill_loss(
         scale_by_t2=scale_by_t2,
         label_smoothing=float(label_smoothing),
     )
+    if process_group is not None:
+        return _vocab_parallel(
+            student_logits,
+            teacher_logits,
+            labels,
+            process_group=process_group,
+            backend=backend,
+            teacher_vocab=teacher_vocab,
+            num_items_in_batch=num_items_in_batch,
+            return_components=return_components,
+            **options,
+        )
     if choose_backend(backend, student_logits.device) == "reference":
         return reference.distill_loss(
             student_logits,
@@ -326,6 +360,89 @@ def fused_distill_loss(
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, hard, soft = _FusedDistillFunction.apply(
         student, teacher, flat_labels, *options.values(), num_items_in_batch, compute_grad
+    )
+    if reduction == "none":
+        loss, hard, soft = loss.reshape(lead), hard.reshape(lead), soft.reshape(lead)
+    if return_components:
+        return DistillLossOutput(loss, hard, soft)
+    return loss
+
+
+def _from_dtensors(student, teacher, labels, process_group):
+    """DTensor logits with a Shard(-1) placement: their local shards and the
+    group of the mesh dim they are sharded over (DESIGN.md section 7). A
+    teacher or labels given as DTensor too are read likewise (labels
+    replicated); plain ones are taken as they are."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # a torch built without distributed
+        return student, teacher, labels, process_group
+    if not isinstance(student, DTensor):
+        if isinstance(teacher, DTensor) or isinstance(labels, DTensor):
+            raise TypeError("kdfused: a DTensor teacher or labels need DTensor student logits")
+        return student, teacher, labels, process_group
+    dims = [
+        i
+        for i, p in enumerate(student.placements)
+        if isinstance(p, Shard) and p.dim in (-1, student.dim() - 1)
+    ]
+    if len(dims) != 1 or len(student.placements) != 1:
+        raise ValueError(
+            "kdfused: DTensor logits must be sharded over the vocabulary (the last dim) on a "
+            f"1-D mesh, placements Shard(-1); got {student.placements}"
+        )
+    group = student.device_mesh.get_group(dims[0])
+    if process_group is not None and process_group != group:
+        raise ValueError("kdfused: process_group differs from the DTensor logits' mesh group")
+    if isinstance(teacher, DTensor):
+        if teacher.placements != student.placements or teacher.shape != student.shape:
+            raise ValueError(
+                "kdfused: DTensor teacher logits must have the student's shape and placements, "
+                f"got {tuple(teacher.shape)} {teacher.placements} and {tuple(student.shape)} "
+                f"{student.placements}"
+            )
+        teacher = teacher.to_local()
+    if isinstance(labels, DTensor):
+        labels = labels.full_tensor()
+    return student.to_local(), teacher, labels, group
+
+
+def _vocab_parallel(
+    student,
+    teacher,
+    labels,
+    *,
+    process_group,
+    backend,
+    teacher_vocab,
+    num_items_in_batch,
+    return_components,
+    reduction,
+    **options,
+):
+    """fused_distill_loss over shards of the vocabulary (kdfused.parallel)."""
+    from . import parallel
+
+    if teacher_vocab != "exact":
+        raise ValueError("kdfused: teacher_vocab='truncate' does not apply to vocabulary shards")
+    if backend == "reference" or choose_backend(backend, student.device) != "kernel":
+        raise RuntimeError(
+            "kdfused: the vocab-parallel loss (process_group) needs the compiled kernels; "
+            "for a reference, gather the logits and call kdfused.reference.distill_loss"
+        )
+    kernel_dtype_check("student_logits", student)
+    kernel_dtype_check("teacher_logits", teacher)
+    lead = student.shape[:-1]
+    width = student.shape[-1]
+    rows = lead.numel()  # (reshape(-1, 0) is ambiguous for an empty shard)
+    loss, hard, soft = parallel.vocab_parallel_loss(
+        student.reshape(rows, width),
+        teacher.reshape(rows, width),
+        None if labels is None else labels.reshape(-1),
+        process_group=process_group,
+        options=options,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
     )
     if reduction == "none":
         loss, hard, soft = loss.reshape(lead), hard.reshape(lead), soft.reshape(lead)

@@ -100,6 +100,8 @@ class FusedDistillLoss(_DistillOptions):
         loss.backward()
         teacher = kdfused.sparse.topk(teacher_logits, k=64)       # or sparse.load(store, rows)
         loss = loss_fn(student_logits, teacher, labels)           # a stored top-k teacher
+        # tensor parallel: each rank's vocabulary shard [..., V_r] of both models' logits
+        tp_loss_fn = kdfused.FusedDistillLoss(process_group=tp_group)
 
     See :func:`kdfused.fused_distill_loss` for the arguments.
     """
@@ -116,6 +118,7 @@ class FusedDistillLoss(_DistillOptions):
         backend: str = "auto",
         teacher_vocab: str = "exact",
         label_smoothing: float = 0.0,
+        process_group=None,
     ):
         super().__init__(
             temperature,
@@ -129,6 +132,9 @@ class FusedDistillLoss(_DistillOptions):
             teacher_vocab,
             label_smoothing,
         )
+        # A torch.distributed group over which the vocabulary is split (the
+        # logits are each rank's shard; DESIGN.md section 7), or None.
+        self.process_group = process_group
 
     def forward(
         self,
@@ -144,6 +150,7 @@ class FusedDistillLoss(_DistillOptions):
             teacher_logits,
             labels,
             num_items_in_batch=num_items_in_batch,
+            process_group=self.process_group,
             return_components=return_components,
             **self.options(),
         )

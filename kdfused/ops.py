@@ -207,6 +207,65 @@ def sparse_topk(logits: torch.Tensor, k: int, temperature: float):
     return torch.ops.kdfused.sparse_topk.default(logits, int(k), float(temperature))
 
 
+def _phase(name, student, teacher, labels, grad_scale, extra, options):
+    """One vocab-parallel phase op (csrc/parallel_op.h): options are the loss
+    options plus column_offset and vocab."""
+    scalars = _loss_scalars(
+        options["temperature"],
+        options["alpha"],
+        options["divergence"],
+        options["beta"],
+        options["ignore_index"],
+        options["scale_by_t2"],
+    )
+    op = getattr(torch.ops.kdfused, name).default
+    tail = (float(options["label_smoothing"]), int(options["column_offset"]), int(options["vocab"]))
+    return op(student, teacher, labels, grad_scale, *scalars, *tail, *extra)
+
+
+def distill_stats(student, teacher, labels, **options) -> torch.Tensor:
+    """[N, 12] float32: each row's statistics over this shard (ShardStats)."""
+    return _phase("distill_stats", student, teacher, labels, None, (), options)
+
+
+def distill_jsd_sums(student, teacher, labels, *, consts, **options) -> torch.Tensor:
+    """[N, 2] float32: this shard's JSD sums given the merged constants."""
+    return _phase("distill_jsd_sums", student, teacher, labels, None, (consts,), options)
+
+
+def distill_grad(student, teacher, labels, grad_scale, *, consts, **options) -> torch.Tensor:
+    """This shard's gradient [N, V_r] given the merged constants."""
+    return _phase("distill_grad", student, teacher, labels, grad_scale, (consts,), options)
+
+
+def distill_merge(shard_stats, labels, **options):
+    """[W, N, 12] statistics in rank order -> (consts [N, 11], hard, soft)."""
+    return torch.ops.kdfused.distill_merge.default(
+        shard_stats,
+        labels,
+        float(options["temperature"]),
+        float(options["alpha"]),
+        options["divergence"],
+        float(options["beta"]),
+        int(options["ignore_index"]),
+        bool(options["scale_by_t2"]),
+        float(options["label_smoothing"]),
+    )
+
+
+def distill_jsd_finish(consts, shard_sums, labels, *, temperature, beta, ignore_index, scale_by_t2):
+    """consts and [W, N, 2] JSD sums in rank order -> (consts, soft)."""
+    return torch.ops.kdfused.distill_jsd_finish.default(
+        consts,
+        shard_sums,
+        labels,
+        float(temperature),
+        float(beta),
+        int(ignore_index),
+        bool(scale_by_t2),
+    )
+
+
 if LOAD_ERROR is None:
 
     @torch.library.register_fake("kdfused::distill_forward")
@@ -256,3 +315,25 @@ if LOAD_ERROR is None:
             logits.new_empty((n, k), dtype=torch.int64),
             logits.new_empty((n, k), dtype=torch.float32),
         )
+
+    @torch.library.register_fake("kdfused::distill_stats")
+    def _stats_fake(student, *_):
+        return student.new_empty((student.shape[0], 12), dtype=torch.float32)
+
+    @torch.library.register_fake("kdfused::distill_jsd_sums")
+    def _jsd_sums_fake(student, *_):
+        return student.new_empty((student.shape[0], 2), dtype=torch.float32)
+
+    @torch.library.register_fake("kdfused::distill_grad")
+    def _grad_fake(student, *_):
+        return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("kdfused::distill_merge")
+    def _merge_fake(shard_stats, *_):
+        n = shard_stats.shape[1]
+        rows = shard_stats.new_empty((n,))
+        return shard_stats.new_empty((n, 11)), rows, torch.empty_like(rows)
+
+    @torch.library.register_fake("kdfused::distill_jsd_finish")
+    def _jsd_finish_fake(consts, *_):
+        return torch.empty_like(consts), consts.new_empty((consts.shape[0],))

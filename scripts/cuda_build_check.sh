@@ -50,7 +50,14 @@ from kdfused import ops
 assert ops.LOAD_ERROR is None, f"kdfused._C failed to load: {ops.LOAD_ERROR}"
 print(f"kdfused: loaded {kdfused.__file__} against torch {torch.__version__}")
 # Every op with per-device kernels (the others have one kernel for all devices).
-for name in ["kdfused::distill_forward", "kdfused::sparse_distill_forward", "kdfused::sparse_topk"]:
+for name in [
+    "kdfused::distill_forward",
+    "kdfused::sparse_distill_forward",
+    "kdfused::sparse_topk",
+    "kdfused::distill_stats",
+    "kdfused::distill_grad",
+    "kdfused::distill_merge",
+]:
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), f"{name}: no {key} kernel"
     print(f"kdfused: {name} has CPU and CUDA kernels")

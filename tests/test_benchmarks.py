@@ -146,3 +146,16 @@ def test_options_comparison():
         "teacher +64 columns, truncate",
     ]
     assert all(seconds > 0 for *_, seconds, _ in rows) and rows[0][-1] == 1.0
+
+
+def test_parallel_benchmark_runs(capsys):
+    """benchmarks/parallel.py at a small size: W = 1 and 2 over gloo, and the
+    bytes a rank receives against a logits all-gather's."""
+    from benchmarks import parallel
+
+    rows = parallel.main(
+        ["--sizes", "16x200", "--worlds", "1,2", "--reps", "1", "--divergences", "jsd"]
+    )
+    assert [r[3] for r in rows] == [1, 2] and all(r[4] > 0 for r in rows)
+    assert rows[1][5:] == (56, 2 * 100 * 4)  # (12 + 2) floats vs the other shard, both models
+    assert "a logits all-gather 800" in capsys.readouterr().out

@@ -33,8 +33,10 @@ def _emulated_op():
         sources=[
             str(ROOT / "tests/emulator/distill_emulated.cpp"),
             str(ROOT / "tests/emulator/sparse_emulated.cpp"),
+            str(ROOT / "tests/emulator/parallel_emulated.cpp"),
             str(ROOT / "csrc/distill_op.cpp"),
             str(ROOT / "csrc/sparse_op.cpp"),
+            str(ROOT / "csrc/parallel_op.cpp"),
         ],
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests/emulator")],
         extra_cflags=["-O2", "-std=c++20"],
@@ -401,3 +403,41 @@ def test_sparse_fused_linear(emulated, reduction):
     """The fused-linear loss with a sparse teacher through the CUDA kernel's
     buffer-writing form (sparse_distill_forward_out), chunk by chunk."""
     sparse_linear_case("cpu", "jsd", reduction, torch.bfloat16)
+
+
+# ---- the vocab-parallel phases (csrc/cuda/parallel_kernel.cuh) ----------------
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("widths", [(1000, 1003), (17, 600, 1386)])
+def test_vocab_parallel_phases(emulated, divergence, dtype, widths):
+    """The CUDA statistics, JSD-sums and gradient kernels on shards of a row,
+    merged as the ranks would (in one process): the full row's loss and each
+    shard's gradient, against the CPU kernel on the whole logits."""
+    _emulated_op()
+    emu = torch.ops.kdfused_emulated
+    vocab = sum(widths)
+    s = make_logits((6, vocab), dtype, seed=170)
+    t = make_logits((6, vocab), dtype, seed=171)
+    y = make_labels((6,), vocab, "some")
+    y[1] = widths[0] + 3  # a label on a later shard
+    opts = (2.0, 0.4, divergence, 0.3, -100, True, 0.1)
+    offsets = [sum(widths[:r]) for r in range(len(widths))]
+    parts = [(s[:, o : o + w], t[:, o : o + w], o) for o, w in zip(offsets, widths, strict=True)]
+    stats = torch.stack([emu.distill_stats(a, b, y, None, *opts, o, vocab) for a, b, o in parts])
+    consts, hard, soft = torch.ops.kdfused.distill_merge(stats, y, *opts)
+    if divergence == "jsd":
+        sums = torch.stack(
+            [emu.distill_jsd_sums(a, b, y, None, *opts, o, vocab, consts) for a, b, o in parts]
+        )
+        consts, soft = torch.ops.kdfused.distill_jsd_finish(consts, sums, y, 2.0, 0.3, -100, True)
+    scale = torch.tensor(0.25)
+    grads = [emu.distill_grad(a, b, y, scale, *opts, o, vocab, consts) for a, b, o in parts]
+    want_hard, want_soft, want_grad = torch.ops.kdfused.distill_forward(
+        s, t, y, scale, *opts[:6], True, 0.1
+    )
+    torch.testing.assert_close(hard, want_hard, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(soft, want_soft, rtol=1e-4, atol=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=0.02, atol=1e-6)
+    torch.testing.assert_close(torch.cat(grads, 1).float(), want_grad.float(), **tol)

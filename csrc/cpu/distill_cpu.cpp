@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../distill_op.h"
+#include "../parallel_op.h"
 #include "cpu_common.h"
 
 namespace kdfused {
@@ -176,6 +177,40 @@ KDFUSED_INLINE void grad_chunk(float* KD_R g, const float* KD_R s, const float* 
   }
 }
 
+// The vocab-parallel gradient phase for one chunk: every element from its
+// logits and the merged row constants (no kept exps: the statistics phase ran
+// in another call), the label's own element fixed up by the caller.
+template <Divergence D, bool kHard, bool kSoft, HardQ kQ, bool kSmooth>
+KDFUSED_INLINE void grad_logits_chunk(float* KD_R g, const float* KD_R s, const float* KD_R t,
+                                      int64_t len, const RowConsts& c, const LossParams& p,
+                                      const GradCoefs& gk) {
+  for (int64_t k = 0; k < len; ++k) {
+    g[k] = grad_element_as<D, kHard, kSoft, kQ, kSmooth>(s[k], t[k], false, c, p, gk);
+  }
+}
+
+// The vocab-parallel JSD sums of one chunk, from the merged constants.
+KDFUSED_INLINE void jsd_sums_chunk(JsdSums& acc, const float* KD_R s, const float* KD_R t,
+                                   int64_t len, const RowConsts& c, const LossParams& p) {
+  float tm[kLanes] = {}, sm[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= len; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      JsdSums one{tm[l], sm[l]};
+      jsd_accumulate(one, s[k + l], t[k + l], c, p);
+      tm[l] = one.kl_tm;
+      sm[l] = one.kl_sm;
+    }
+  }
+  for (int l = 0; k + l < len; ++l) {
+    JsdSums one{tm[l], sm[l]};
+    jsd_accumulate(one, s[k + l], t[k + l], c, p);
+    tm[l] = one.kl_tm;
+    sm[l] = one.kl_sm;
+  }
+  acc = jsd_merge(acc, JsdSums{lane_sum(tm), lane_sum(sm)});
+}
+
 // The chunk kernels of one instruction set, as a table: the row loop below
 // picks one table at run time. Each entry is compiled once per instruction
 // set (the KDFUSED_INLINE bodies take the entry's target). Chunks are
@@ -188,13 +223,19 @@ using JsdFn = void (*)(JsdSums&, const L*, const L*, const float*, float*, int64
                        const RowConsts&, const LossParams&);
 using GradFn = void (*)(float*, const float*, const float*, const float*, const float*, int64_t,
                         ChunkScale, const RowConsts&, const LossParams&, const GradCoefs&);
+using GradLogitsFn = void (*)(float*, const float*, const float*, int64_t, const RowConsts&,
+                              const LossParams&, const GradCoefs&);
+using JsdSumsFn = void (*)(JsdSums&, const float*, const float*, int64_t, const RowConsts&,
+                           const LossParams&);
 
 struct ChunkKernels {
   StatsFn stats[3][3];  // [divergence][Z1 mode]
   JsdFn<float> jsd;
-  JsdFn<uint16_t> jsd_bf16;       // both models' logits bfloat16
-  GradFn grad[3][kGradVariants];  // [divergence][grad_variant]
-  SumFn sum_below;                // label smoothing's row sum
+  JsdFn<uint16_t> jsd_bf16;                    // both models' logits bfloat16
+  GradFn grad[3][kGradVariants];               // [divergence][grad_variant]
+  SumFn sum_below;                             // label smoothing's row sum
+  GradLogitsFn grad_logits[3][kGradVariants];  // the vocab-parallel phases
+  JsdSumsFn jsd_sums;
   Store16Fn store_bf16;
   Load16Fn load_bf16;
   Load16Fn load_f16;
@@ -215,6 +256,18 @@ struct ChunkKernels {
    NAME##_grad<D, true, true, HardQ::kExp, true>,        \
    NAME##_grad<D, true, true, HardQ::kPs, true>,         \
    NAME##_grad<D, true, true, HardQ::kPsSquared, true>}
+
+#define KDFUSED_GRAD_LOGITS(NAME, D)                            \
+  {NAME##_grad_logits<D, false, false, HardQ::kExp, false>,     \
+   NAME##_grad_logits<D, false, true, HardQ::kExp, false>,      \
+   NAME##_grad_logits<D, true, false, HardQ::kExp, false>,      \
+   NAME##_grad_logits<D, true, true, HardQ::kExp, false>,       \
+   NAME##_grad_logits<D, true, true, HardQ::kPs, false>,        \
+   NAME##_grad_logits<D, true, true, HardQ::kPsSquared, false>, \
+   NAME##_grad_logits<D, true, false, HardQ::kExp, true>,       \
+   NAME##_grad_logits<D, true, true, HardQ::kExp, true>,        \
+   NAME##_grad_logits<D, true, true, HardQ::kPs, true>,         \
+   NAME##_grad_logits<D, true, true, HardQ::kPsSquared, true>}
 
 #define KDFUSED_CHUNK_KERNELS(NAME, ...)                                                         \
   template <Divergence kD, Z1 kZ1>                                                               \
@@ -237,6 +290,16 @@ struct ChunkKernels {
   __VA_ARGS__ float NAME##_sum_below(const float* s, int64_t len, float ms) {                    \
     return sum_below_chunk(s, len, ms);                                                          \
   }                                                                                              \
+  template <Divergence D, bool kHard, bool kSoft, HardQ kQ, bool kSmooth>                        \
+  __VA_ARGS__ void NAME##_grad_logits(float* g, const float* s, const float* t, int64_t len,     \
+                                      const RowConsts& c, const LossParams& p,                   \
+                                      const GradCoefs& k) {                                      \
+    grad_logits_chunk<D, kHard, kSoft, kQ, kSmooth>(g, s, t, len, c, p, k);                      \
+  }                                                                                              \
+  __VA_ARGS__ void NAME##_jsd_sums(JsdSums& acc, const float* s, const float* t, int64_t len,    \
+                                   const RowConsts& c, const LossParams& p) {                    \
+    jsd_sums_chunk(acc, s, t, len, c, p);                                                        \
+  }                                                                                              \
   __VA_ARGS__ void NAME##_store_bf16(uint16_t* out, const float* x, int64_t len) {               \
     store_bf16(out, x, len);                                                                     \
   }                                                                                              \
@@ -251,6 +314,10 @@ struct ChunkKernels {
       {KDFUSED_GRADS(NAME, Divergence::kForwardKL), KDFUSED_GRADS(NAME, Divergence::kReverseKL), \
        KDFUSED_GRADS(NAME, Divergence::kJSD)},                                                   \
       NAME##_sum_below,                                                                          \
+      {KDFUSED_GRAD_LOGITS(NAME, Divergence::kForwardKL),                                        \
+       KDFUSED_GRAD_LOGITS(NAME, Divergence::kReverseKL),                                        \
+       KDFUSED_GRAD_LOGITS(NAME, Divergence::kJSD)},                                             \
+      NAME##_jsd_sums,                                                                           \
       NAME##_store_bf16,                                                                         \
       NAME##_load_bf16,                                                                          \
       NAME##_load_f16,                                                                           \
@@ -388,6 +455,135 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
   }
 }
 
+// ---- The vocab-parallel phases (parallel_op.h): the same chunk kernels, a
+// row's statistics, JSD sums and gradient in separate calls ----
+
+// The statistics phase: each row's ShardStats over this shard.
+template <typename S, typename Tt>
+void stats_rows(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t offset,
+                ShardStats* out, int64_t begin, int64_t end) {
+  const LossParams& p = a.p;
+  const StatsFn stats = kernels.stats[static_cast<int>(p.div)][static_cast<int>(z1_mode(p))];
+  alignas(64) float sbuf[kChunk], tbuf[kChunk], es[kChunk], et[kChunk];
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t label = a.y ? a.y[i] : -1;
+    ShardStats& o = out[i];
+    o.st = stats_empty();
+    o.sum_below = o.s_label = o.has_label = 0.f;
+    o.columns = static_cast<float>(a.v);
+    if (a.y && label == p.ignore_index) continue;
+    const S* s = a.s + i * a.s_stride;
+    const Tt* t = a.t + i * a.t_stride;
+    for (int64_t j0 = 0; j0 < a.v; j0 += kChunk) {
+      const int64_t len = std::min(kChunk, a.v - j0);
+      stats(o.st, as_float(s + j0, len, sbuf, kernels), as_float(t + j0, len, tbuf, kernels), len,
+            p.inv_t, es, et);
+    }
+    if (a.y && p.smoothing) {
+      for (int64_t j0 = 0; j0 < a.v; j0 += kChunk) {
+        const int64_t len = std::min(kChunk, a.v - j0);
+        o.sum_below += kernels.sum_below(as_float(s + j0, len, sbuf, kernels), len, o.st.ms);
+      }
+    }
+    if (a.y && label >= offset && label < offset + a.v) {
+      o.s_label = static_cast<float>(s[label - offset]);
+      o.has_label = 1.f;
+    }
+  }
+}
+
+// JSD's sums over this shard from the merged constants.
+template <typename S, typename Tt>
+void jsd_rows(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, const RowConsts* consts,
+              float* out, int64_t begin, int64_t end) {
+  alignas(64) float sbuf[kChunk], tbuf[kChunk];
+  for (int64_t i = begin; i < end; ++i) {
+    JsdSums acc{0.f, 0.f};
+    if (!(a.y && a.y[i] == a.p.ignore_index)) {
+      const S* s = a.s + i * a.s_stride;
+      const Tt* t = a.t + i * a.t_stride;
+      for (int64_t j0 = 0; j0 < a.v; j0 += kChunk) {
+        const int64_t len = std::min(kChunk, a.v - j0);
+        kernels.jsd_sums(acc, as_float(s + j0, len, sbuf, kernels),
+                         as_float(t + j0, len, tbuf, kernels), len, consts[i], a.p);
+      }
+    }
+    out[2 * i] = acc.kl_tm;
+    out[2 * i + 1] = acc.kl_sm;
+  }
+}
+
+// The gradient phase: this shard's gradient from the merged constants.
+template <typename S, typename Tt>
+void grad_rows(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, const RowConsts* consts,
+               int64_t offset, int64_t begin, int64_t end) {
+  const LossParams& p = a.p;
+  const GradLogitsFn grad = kernels.grad_logits[static_cast<int>(p.div)][grad_variant(p)];
+  const GradCoefs coefs = grad_coefs(p, a.grad_scale);
+  alignas(64) float sbuf[kChunk], tbuf[kChunk], gbuf[kChunk];
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t label = a.y ? a.y[i] : -1;
+    S* g = a.grad + i * a.v;
+    if (a.y && label == p.ignore_index) {
+      std::fill(g, g + a.v, S(0));
+      continue;
+    }
+    const S* s = a.s + i * a.s_stride;
+    const Tt* t = a.t + i * a.t_stride;
+    const RowConsts& c = consts[i];
+    for (int64_t j0 = 0; j0 < a.v; j0 += kChunk) {
+      const int64_t len = std::min(kChunk, a.v - j0);
+      float* gf = gbuf;
+      if constexpr (std::is_same_v<S, float>) gf = g + j0;
+      grad(gf, as_float(s + j0, len, sbuf, kernels), as_float(t + j0, len, tbuf, kernels), len, c,
+           p, coefs);
+      const int64_t at = label - offset - j0;  // the label's column in this chunk
+      if (a.y && at >= 0 && at < len) {
+        gf[at] = grad_element(static_cast<float>(s[j0 + at]), static_cast<float>(t[j0 + at]), true,
+                              c, p, coefs);
+      }
+      if constexpr (std::is_same_v<S, c10::BFloat16>) {
+        kernels.store_bf16(reinterpret_cast<uint16_t*>(g + j0), gbuf, len);
+      } else if constexpr (std::is_same_v<S, c10::Half>) {
+        kernels.store_f16(reinterpret_cast<uint16_t*>(g + j0), gbuf, len);
+      }
+    }
+  }
+}
+
+const ChunkKernels& chunk_kernels() {
+#if defined(__x86_64__)
+  return cpu_capability() == "avx2" ? avx2_kernels : baseline_kernels;
+#else
+  return baseline_kernels;
+#endif
+}
+
+// Runs body(args) for the problem's dtypes, args a RowsArgs without outputs.
+template <typename F>
+void with_rows_args(const DistillProblem& prob, float grad_scale, F&& body) {
+  KDFUSED_DISPATCH_LOGITS(prob.student.scalar_type(), "kdfused_phase_cpu", [&] {
+    using S = scalar_t;
+    KDFUSED_DISPATCH_LOGITS(prob.teacher.scalar_type(), "kdfused_phase_cpu", [&] {
+      using Tt = scalar_t;
+      const RowsArgs<S, Tt> args{prob.student.const_data_ptr<S>(),
+                                 prob.teacher.const_data_ptr<Tt>(),
+                                 prob.student.stride(0),
+                                 prob.teacher.stride(0),
+                                 prob.v,
+                                 prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr,
+                                 prob.params,
+                                 grad_scale,
+                                 nullptr,
+                                 nullptr,
+                                 nullptr};
+      body(args);
+    });
+  });
+}
+
+int64_t grain_for(int64_t v) { return std::max<int64_t>(1, 16384 / v); }
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> distill_forward_inplace_cpu(KDFUSED_KERNEL_ARGS_MUTABLE,
@@ -457,6 +653,58 @@ DistillResult distill_cpu(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tens
     });
   });
   return {hard, soft, grad};
+}
+
+at::Tensor distill_stats_cpu(KDFUSED_PHASE_ARGS) {
+  const DistillProblem prob = prepare_shard(
+      student, teacher, labels, grad_scale, temperature, alpha, divergence, beta, ignore_index,
+      scale_by_t2, label_smoothing, column_offset, vocab, c10::DeviceType::CPU);
+  if (prob.labels) {
+    check_label_range(prob.labels->const_data_ptr<int64_t>(), prob.n, vocab, ignore_index);
+  }
+  at::Tensor out = at::empty({prob.n, 12}, prob.student.options().dtype(at::kFloat));
+  auto* stats = reinterpret_cast<ShardStats*>(out.data_ptr<float>());
+  with_rows_args(prob, 1.f, [&](const auto& args) {
+    at::parallel_for(0, prob.n, grain_for(prob.v), [&](int64_t begin, int64_t end) {
+      stats_rows(args, chunk_kernels(), column_offset, stats, begin, end);
+    });
+  });
+  return out;
+}
+
+at::Tensor distill_jsd_sums_cpu(KDFUSED_PHASE_ARGS, const at::Tensor& consts) {
+  const DistillProblem prob = prepare_shard(
+      student, teacher, labels, grad_scale, temperature, alpha, divergence, beta, ignore_index,
+      scale_by_t2, label_smoothing, column_offset, vocab, c10::DeviceType::CPU);
+  check_consts(consts, prob);
+  at::Tensor out = at::empty({prob.n, 2}, prob.student.options().dtype(at::kFloat));
+  const auto* c = reinterpret_cast<const RowConsts*>(consts.const_data_ptr<float>());
+  with_rows_args(prob, 1.f, [&](const auto& args) {
+    at::parallel_for(0, prob.n, grain_for(prob.v), [&](int64_t begin, int64_t end) {
+      jsd_rows(args, chunk_kernels(), c, out.data_ptr<float>(), begin, end);
+    });
+  });
+  return out;
+}
+
+at::Tensor distill_grad_cpu(KDFUSED_PHASE_ARGS, const at::Tensor& consts) {
+  const DistillProblem prob = prepare_shard(
+      student, teacher, labels, grad_scale, temperature, alpha, divergence, beta, ignore_index,
+      scale_by_t2, label_smoothing, column_offset, vocab, c10::DeviceType::CPU);
+  check_consts(consts, prob);
+  at::Tensor grad = at::empty({prob.n, prob.v}, prob.student.options());
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  const auto* c = reinterpret_cast<const RowConsts*>(consts.const_data_ptr<float>());
+  const float scale = grad_scale ? grad_scale->item<float>() : 1.f;
+  with_rows_args(prob, scale, [&](const auto& args) {
+    using Args = std::decay_t<decltype(args)>;
+    Args with_grad = args;
+    with_grad.grad = reinterpret_cast<decltype(with_grad.grad)>(grad.data_ptr());
+    at::parallel_for(0, prob.n, grain_for(prob.v), [&](int64_t begin, int64_t end) {
+      grad_rows(with_grad, chunk_kernels(), c, column_offset, begin, end);
+    });
+  });
+  return grad;
 }
 
 }  // namespace kdfused

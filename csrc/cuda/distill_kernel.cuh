@@ -286,6 +286,46 @@ __device__ T cluster_merge(T x, T* slot, unsigned parts, Merge merge) {
   return x;
 }
 
+// Pass 1 of this thread's elements of a row: their online-softmax state.
+template <typename S, typename Tt>
+__device__ RowStats thread_stats(const Row<S, Tt>& row, const LossParams& p) {
+  RowStats st = stats_empty();
+  with_divergence(p.div, [&](auto d) {
+    // Only the weighted sum this divergence reads (sums_for).
+    constexpr WeightedSums kSums = sums_for(decltype(d)::value);
+    with_z1(z1_mode(p), [&](auto z1_how) {
+      row.for_each([&](int64_t, const float* s, const float* t, auto n) {
+        stats_raise(st, s, t, n, p.inv_t);
+        // Two loops, not one with a run-time flag: that one computed both forms.
+        const auto add = [&](auto finite) {
+#pragma unroll
+          for (int k = 0; k < n; ++k) {
+            accumulate_terms<kSums.ws, kSums.wt>(s[k], t[k], st.ms, st.mt, st.ref, p.inv_t, z1_how,
+                                                 st.zs, st.zt, st.z1, st.ws, st.wt, finite);
+          }
+        };
+        if (anchors_finite(st)) {
+          add(std::true_type{});
+        } else {
+          add(std::false_type{});
+        }
+      });
+    });
+  });
+  return st;
+}
+
+// Label smoothing's row sum over this thread's elements: sum (s - ms).
+template <typename S, typename Tt>
+__device__ float thread_sum_below(const Row<S, Tt>& row, float ms) {
+  float sum = 0.f;
+  row.for_each([&](int64_t, const float* s, const float*, auto n) {
+#pragma unroll
+    for (int k = 0; k < n; ++k) sum += smooth_term(s[k], ms);
+  });
+  return sum;
+}
+
 // Instruction count matters as much as bytes here (ncu, H200: the streaming
 // kernel issues on 80% of cycles), hence: pass 1 without below()'s selects
 // once the anchors are finite, with the z1 mode fixed per row and only the
@@ -337,29 +377,7 @@ __global__ void __launch_bounds__(kSplit ? kSplitThreads : kMaxThreads, kSplit ?
   const auto merge_stats = [&p](const RowStats& a, const RowStats& b) {
     return stats_merge(a, b, p.inv_t);
   };
-  RowStats st = stats_empty();
-  with_divergence(p.div, [&](auto d) {
-    // Only the weighted sum this divergence reads (sums_for).
-    constexpr WeightedSums kSums = sums_for(decltype(d)::value);
-    with_z1(z1_mode(p), [&](auto z1_how) {
-      row.for_each([&](int64_t, const float* s, const float* t, auto n) {
-        stats_raise(st, s, t, n, p.inv_t);
-        // Two loops, not one with a run-time flag: that one computed both forms.
-        const auto add = [&](auto finite) {
-#pragma unroll
-          for (int k = 0; k < n; ++k) {
-            accumulate_terms<kSums.ws, kSums.wt>(s[k], t[k], st.ms, st.mt, st.ref, p.inv_t, z1_how,
-                                                 st.zs, st.zt, st.z1, st.ws, st.wt, finite);
-          }
-        };
-        if (anchors_finite(st)) {
-          add(std::true_type{});
-        } else {
-          add(std::false_type{});
-        }
-      });
-    });
-  });
+  RowStats st = thread_stats(row, p);
   st = block_reduce(st, merge_stats, stats_empty(), sh.stats);
   st = cluster_merge(st, &sh.part_stats, parts, merge_stats);
   if (threadIdx.x == 0) sh.consts = row_consts(st, p);
@@ -369,11 +387,7 @@ __global__ void __launch_bounds__(kSplit ? kSplitThreads : kMaxThreads, kSplit ?
   if (p.smoothing && labels != nullptr) {
     // Label smoothing's row sum, sum (s - ms), in a pass of its own (only
     // when smoothing: pass 1 stays as it is without it).
-    float sum = 0.f;
-    row.for_each([&](int64_t, const float* s, const float*, auto n) {
-#pragma unroll
-      for (int k = 0; k < n; ++k) sum += smooth_term(s[k], c.ms);
-    });
+    float sum = thread_sum_below(row, c.ms);
     const auto add = [](float a, float b) { return a + b; };
     sum = block_reduce(sum, add, 0.f, sh.sums);
     sum = cluster_merge(sum, &sh.part_sum, parts, add);
