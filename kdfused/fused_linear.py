@@ -402,6 +402,7 @@ def fused_linear_distill_loss(
     chunk_size: int | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    process_group=None,
     return_components: bool = False,
 ):
     r"""The distillation loss of :func:`kdfused.fused_distill_loss` with the
@@ -434,6 +435,16 @@ def fused_linear_distill_loss(
             take at most 64 MiB on the CPU, 256 MiB on a GPU
             (:data:`CHUNK_BUDGET_BYTES`). The result does not depend on it
             beyond rounding.
+        process_group: a ``torch.distributed`` group over which the lm_heads
+            are column-parallel (DESIGN.md section 7): each rank passes its
+            rows ``[V_r, H]`` of both weights (and biases, or its shard of
+            ``teacher_logits``), in group-rank order, and the same hidden
+            states and labels (global ids). Every rank gets the whole
+            vocabulary's loss, its rows' weight and bias gradients, and its
+            shard's part of the hidden states' gradient (summed over the group
+            by the layer that feeds the lm_head, as in Megatron-LM). One
+            all_gather of per-row statistics per forward (two for ``"jsd"``);
+            each chunk's logits are formed twice, once per phase.
         The other options are :func:`kdfused.fused_distill_loss`'s.
 
     Returns:
@@ -493,6 +504,16 @@ def fused_linear_distill_loss(
         student_softcap=None if student_softcap is None else float(student_softcap),
         teacher_softcap=None if teacher_softcap is None else float(teacher_softcap),
     )
+    if process_group is not None:
+        if sparse_teacher is not None or teacher_vocab != "exact":
+            raise NotImplementedError(
+                "kdfused: a process_group (vocab-parallel) with a sparse teacher or "
+                "teacher_vocab='truncate' is not supported yet"
+            )
+        if choose_backend(backend, student_hidden.device) != "kernel":
+            raise RuntimeError(
+                "kdfused: the vocab-parallel loss (process_group) needs the compiled kernels"
+            )
     if choose_backend(backend, student_hidden.device) == "reference":
         return reference.fused_linear_distill_loss(
             student_hidden,
@@ -541,14 +562,83 @@ def fused_linear_distill_loss(
         grad_on and student_weight.requires_grad,
         grad_on and student_bias is not None and student_bias.requires_grad,
     )
-    loss, hard, soft = _FusedLinearDistillFunction.apply(
+    if process_group is not None:
+        from . import parallel
+
+        kernel_options = {k: v for k, v in options.items() if k != "reduction"}
+        args = (
+            kernel_options,
+            reduction,
+            num_items_in_batch,
+            caps["student_softcap"],
+            caps["teacher_softcap"],
+            chunk_size,
+            process_group,
+            needs,
+        )
+        loss, hard, soft = parallel.vocab_parallel_linear_loss(
+            s_hidden,
+            student_weight,
+            student_bias,
+            flat_labels,
+            t_hidden,
+            detach(teacher_weight),
+            detach(teacher_bias),
+            t_logits,
+            args=args,
+        )
+    else:
+        loss, hard, soft = _linear_function(
+            s_hidden,
+            student_weight,
+            student_bias,
+            flat_labels,
+            t_hidden,
+            detach(teacher_weight),
+            detach(teacher_bias),
+            t_logits,
+            t_indices,
+            t_logprobs,
+            t_sparse,
+            options,
+            num_items_in_batch,
+            caps,
+            chunk_size,
+            needs,
+        )
+    if reduction == "none":
+        loss, hard, soft = loss.reshape(lead), hard.reshape(lead), soft.reshape(lead)
+    if return_components:
+        return DistillLossOutput(loss, hard, soft)
+    return loss
+
+
+def _linear_function(
+    s_hidden,
+    student_weight,
+    student_bias,
+    flat_labels,
+    t_hidden,
+    teacher_weight,
+    teacher_bias,
+    t_logits,
+    t_indices,
+    t_logprobs,
+    t_sparse,
+    options,
+    num_items_in_batch,
+    caps,
+    chunk_size,
+    needs,
+):
+    return _FusedLinearDistillFunction.apply(
         s_hidden,
         student_weight,
         student_bias,
         flat_labels,
         t_hidden,
-        detach(teacher_weight),
-        detach(teacher_bias),
+        teacher_weight,
+        teacher_bias,
         t_logits,
         t_indices,
         t_logprobs,
@@ -560,8 +650,3 @@ def fused_linear_distill_loss(
         chunk_size,
         *needs,
     )
-    if reduction == "none":
-        loss, hard, soft = loss.reshape(lead), hard.reshape(lead), soft.reshape(lead)
-    if return_components:
-        return DistillLossOutput(loss, hard, soft)
-    return loss

@@ -195,6 +195,7 @@ class FusedLinearDistillLoss(_DistillOptions):
         chunk_size: int | None = None,
         student_softcap: float | None = None,
         teacher_softcap: float | None = None,
+        process_group=None,
     ):
         super().__init__(
             temperature,
@@ -214,6 +215,7 @@ class FusedLinearDistillLoss(_DistillOptions):
         self.chunk_size = chunk_size
         self.student_softcap = student_softcap
         self.teacher_softcap = teacher_softcap
+        self.process_group = process_group  # column-parallel lm_heads (DESIGN.md section 7)
 
     def forward(
         self,
@@ -242,6 +244,7 @@ class FusedLinearDistillLoss(_DistillOptions):
             student_softcap=self.student_softcap,
             teacher_softcap=self.teacher_softcap,
             num_items_in_batch=num_items_in_batch,
+            process_group=self.process_group,
             return_components=return_components,
             **self.options(),
         )

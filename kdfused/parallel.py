@@ -27,7 +27,14 @@ import torch.distributed as dist
 
 from . import ops
 from ._validation import DIVERGENCES, REDUCTIONS
-from .functional import SavedGradientFunction, counted_rows
+from .functional import (
+    SavedGradientFunction,
+    combine_and_reduce,
+    counted_rows,
+    refuse_double_backward,
+    scaled,
+    upstream_is_one,
+)
 
 STATS = 12  # floats per row of a rank's statistics (ShardStats)
 FINGERPRINT = (
@@ -65,10 +72,10 @@ class Exchange:
         return out.view(self.world, *x.shape)
 
 
-def _fingerprint(student, labels, options, reduction, ignore_index) -> torch.Tensor:
-    """What every rank must agree on, as 12 floats (exact in float32 for the
-    values options take)."""
-    n = student.shape[0]
+def _fingerprint(n, width, labels, options, reduction, device) -> torch.Tensor:
+    """What every rank must agree on, and last its own shard width, as 12
+    floats (exact in float32 for the values options take)."""
+    ignore_index = options["ignore_index"]
     if labels is None:
         count, checksum = 0.0, 0.0
     else:
@@ -86,9 +93,9 @@ def _fingerprint(student, labels, options, reduction, ignore_index) -> torch.Ten
         float(n),
         count,
         checksum,
-        float(student.shape[1]),
+        float(width),
     ]
-    return torch.tensor(values, dtype=torch.float32, device=student.device)
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def _check_agreement(fingerprints: torch.Tensor) -> list[int]:
@@ -120,74 +127,111 @@ def _label_logits(student, labels, offset: int):
     return torch.where(inside, picked, torch.zeros_like(picked)), inside.float()
 
 
+class RowExchange:
+    """One forward's exchange of per-row statistics over a group, in the
+    order the phases need it: guess this rank's columns from the remembered
+    layout (the statistics phase needs the offset to find the label), exchange
+    and merge, then JSD's sums. The vocab-parallel losses (logits here, the
+    fused-linear chunk loop in kdfused.fused_linear) share it.
+
+    labels: [N] global ids or None; width: this rank's shard width."""
+
+    def __init__(self, group, n, width, labels, options, reduction):
+        self.ex = Exchange(group)
+        self.group, self.n, self.width = group, n, width
+        self.labels, self.options, self.reduction = labels, options, reduction
+        layout = _layouts.get(group)
+        self.known = layout is not None and len(layout) == self.ex.world
+        self.known = self.known and layout[self.ex.rank] == width
+        self.guessed = layout if self.known else None
+        self.offset = sum(layout[: self.ex.rank]) if self.known else 0
+        self.vocab = sum(layout) if self.known else max(width, 1)
+        # Nothing may raise on one rank before the exchange (the others would
+        # wait in it): labels outside the vocabulary are clamped for the
+        # statistics (which they do not change) and reported after it.
+        ignore_index = options["ignore_index"]
+        self.safe_labels = labels
+        if labels is not None:
+            clamped = labels.clamp(0, self.vocab - 1)
+            self.safe_labels = torch.where(labels == ignore_index, labels, clamped)
+
+    def phase_options(self) -> dict:
+        """The phase ops' options: the loss options, column_offset, vocab."""
+        return dict(self.options, column_offset=self.offset, vocab=self.vocab)
+
+    def merge(self, stats, label_logits, device):
+        """(consts [N, 11], hard, soft) from this rank's [N, 12] statistics
+        (computed with phase_options() and safe_labels; None when width is 0).
+        label_logits(offset) gives (the label's logit, 1.0) where the label
+        lies in [offset, offset + width), else (0, 0): called only when the
+        offset was not known in advance."""
+        n, labels, options = self.n, self.labels, self.options
+        ignore_index = options["ignore_index"]
+        if stats is None:  # an empty shard: refused by every rank together, below
+            stats = torch.zeros(n, STATS, device=device)
+        if not self.known and labels is not None:
+            stats[:, 10] = 0.0  # the label's owner is not known yet
+        fingerprint = _fingerprint(n, self.width, labels, options, self.reduction, device)
+        gathered = self.ex.all_gather(torch.cat([stats, fingerprint[None]]))
+        layout = tuple(_check_agreement(gathered[:, n]))
+        shards = gathered[:, :n].contiguous()
+        self.vocab = sum(layout)
+        self.offset = sum(layout[: self.ex.rank])
+        if labels is not None:
+            bad = (labels != ignore_index) & ((labels < 0) | (labels >= self.vocab))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"kdfused: labels[{i}] = {int(labels[i])} is outside the group's vocabulary "
+                    f"[0, {self.vocab}) (shards of {list(layout)} columns) and is not "
+                    f"ignore_index = {ignore_index}"
+                )
+        if labels is not None and self.guessed != layout:
+            # The offsets used before the exchange were unknown or stale: the
+            # label's logit crosses once more (every rank decides alike).
+            shards[:, :, 9:11] = self.ex.all_gather(torch.stack(label_logits(self.offset), 1))
+        _layouts[self.group] = layout
+        merge_options = {k: options[k] for k in _MERGE_OPTIONS}
+        return ops.distill_merge(shards, labels, **merge_options)
+
+    def jsd_finish(self, consts, sums):
+        """(consts, soft) once every rank's [N, 2] JSD sums are in."""
+        return ops.distill_jsd_finish(
+            consts,
+            self.ex.all_gather(sums),
+            self.labels,
+            temperature=self.options["temperature"],
+            beta=self.options["beta"],
+            ignore_index=self.options["ignore_index"],
+            scale_by_t2=self.options["scale_by_t2"],
+        )
+
+
 class _VocabParallelFunction(SavedGradientFunction):
     """Forward: statistics phase, one exchange, merge (JSD: its sums and a
     second exchange), gradient phase. Backward scales the saved gradient."""
 
     @staticmethod
     def forward(ctx, student, teacher, labels, options, reduction, num_items, group, compute_grad):
-        ex = Exchange(group)
         n, width = student.shape
-        ignore_index = options["ignore_index"]
-        layout = _layouts.get(group)
-        known = layout is not None and len(layout) == ex.world and layout[ex.rank] == width
-        offset = sum(layout[: ex.rank]) if known else 0
-        vocab = sum(layout) if known else width
-        # Nothing may raise on one rank before the exchange (the others would
-        # wait in it): labels outside the vocabulary are clamped for the
-        # statistics (which they do not change) and reported after it.
-        safe = labels
-        if labels is not None:
-            safe = torch.where(labels == ignore_index, labels, labels.clamp(0, max(vocab, 1) - 1))
-        phase = dict(options, column_offset=offset, vocab=vocab)
-        if width == 0:  # refused by every rank together, after the exchange
-            stats = torch.zeros(n, STATS, device=student.device)
-        else:
-            stats = ops.distill_stats(student, teacher, safe, **phase)
-        if not known and labels is not None:
-            stats[:, 10] = 0.0  # the label's owner is not known yet
-        fingerprint = _fingerprint(student, labels, options, reduction, ignore_index)
-        gathered = ex.all_gather(torch.cat([stats, fingerprint[None]]))
-        widths = _check_agreement(gathered[:, n])
-        shards = gathered[:, :n].contiguous()
-        true_layout = tuple(widths)
-        vocab = sum(true_layout)
-        offset = sum(true_layout[: ex.rank])
-        if labels is not None:
-            bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"kdfused: labels[{i}] = {int(labels[i])} is outside the group's vocabulary "
-                    f"[0, {vocab}) (shards of {list(true_layout)} columns) and is not "
-                    f"ignore_index = {ignore_index}"
-                )
-        if labels is not None and not (known and true_layout == layout):
-            # The offsets used before the exchange were unknown or stale: the
-            # label's logit crosses once more (every rank decides alike).
-            picked = torch.stack(_label_logits(student, labels, offset), 1)
-            fixed = ex.all_gather(picked)
-            shards[:, :, 9:11] = fixed
-        _layouts[group] = true_layout
-        merge_options = {k: options[k] for k in _MERGE_OPTIONS}
-        consts, hard, soft = ops.distill_merge(shards, labels, **merge_options)
+        rx = RowExchange(group, n, width, labels, options, reduction)
+        stats = None
+        if width:
+            stats = ops.distill_stats(student, teacher, rx.safe_labels, **rx.phase_options())
+        consts, hard, soft = rx.merge(
+            stats, lambda offset: _label_logits(student, labels, offset), student.device
+        )
         if options["divergence"] == "jsd":
-            phase = dict(options, column_offset=offset, vocab=vocab)
-            sums = ops.distill_jsd_sums(student, teacher, labels, consts=consts, **phase)
-            consts, soft = ops.distill_jsd_finish(
-                consts,
-                ex.all_gather(sums),
-                labels,
-                temperature=options["temperature"],
-                beta=options["beta"],
-                ignore_index=ignore_index,
-                scale_by_t2=options["scale_by_t2"],
+            sums = ops.distill_jsd_sums(
+                student, teacher, labels, consts=consts, **rx.phase_options()
             )
-        denom = counted_rows(labels, n, ignore_index, student.device, num_items)
+            consts, soft = rx.jsd_finish(consts, sums)
+        denom = counted_rows(labels, n, options["ignore_index"], student.device, num_items)
         if compute_grad:
             scale = denom.reciprocal() if reduction == "batchmean" else None
-            phase = dict(options, column_offset=offset, vocab=vocab)
-            grad = ops.distill_grad(student, teacher, labels, scale, consts=consts, **phase)
+            grad = ops.distill_grad(
+                student, teacher, labels, scale, consts=consts, **rx.phase_options()
+            )
         else:
             grad = student.new_empty(0)
         alpha = options["alpha"]
@@ -227,3 +271,183 @@ def forget_layouts() -> None:
     """Drops the remembered shard layouts (the next call with each group
     exchanges the label's logit once more)."""
     _layouts.clear()
+
+
+# ---- the fused-linear loss over a column-parallel lm_head ----------------------
+
+
+def _linear_label_logits(hidden, weight, bias, cap, labels, offset):
+    """The label's logit formed from the hidden states where the label lies
+    in this rank's rows of the weight [offset, offset + V_r)."""
+    width = weight.shape[0]
+    local = labels - offset
+    inside = (local >= 0) & (local < width)
+    rows = local.clamp(0, width - 1)
+    logit = (hidden * weight[rows]).sum(-1)
+    if bias is not None:
+        logit = logit + bias[rows]
+    if cap is not None:
+        logit = cap * torch.tanh(logit / cap)
+    logit = logit.float()
+    return torch.where(inside, logit, torch.zeros_like(logit)), inside.float()
+
+
+def _linear_grad_pass(ctx_tensors, rx, consts, labels, chunk, grad_scale, row_weights, need, cap):
+    """The gradient phase chunk by chunk: each chunk's logits formed again, the
+    kernel's gradient of them from the merged constants, and the matmuls. The
+    hidden states' gradient is this shard's part (a column-parallel layer's
+    input gradient is summed over the group by the layer, as Megatron-LM's
+    copy-to-tensor-parallel-region does), the weight's and bias's are this
+    rank's rows."""
+    from .fused_linear import _add_product, linear_logits
+
+    s_hidden, s_weight, s_bias, teacher = ctx_tensors
+    n = s_hidden.shape[0]
+    need_hidden, need_weight, need_bias = need
+    grad_hidden = torch.empty_like(s_hidden) if need_hidden else None
+    grad_weight = s_weight.new_zeros(s_weight.shape, dtype=torch.float32) if need_weight else None
+    grad_bias = s_weight.new_zeros(s_weight.shape[0], dtype=torch.float32) if need_bias else None
+    t_buffer = teacher.buffer(min(chunk, n))
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        h = s_hidden[start:stop]
+        s = linear_logits(h, s_weight, s_bias, cap)
+        t = teacher.logits(start, stop, t_buffer)
+        y = None if labels is None else labels[start:stop]
+        g = ops.distill_grad(
+            s, t, y, grad_scale, consts=consts[start:stop].contiguous(), **rx.phase_options()
+        )
+        if row_weights is not None:
+            g.mul_(row_weights[start:stop, None])
+        if cap is not None:
+            g.mul_(s.div_(cap).square_().neg_().add_(1))
+        if grad_hidden is not None:
+            torch.mm(g, s_weight, out=grad_hidden[start:stop])
+        if grad_weight is not None:
+            _add_product(grad_weight, g.t(), h)
+        if grad_bias is not None:
+            grad_bias.add_(g.sum(0, dtype=torch.float32))
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(s_weight.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(s_bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+class _VocabParallelLinearFunction(torch.autograd.Function):
+    """The fused-linear loss with each rank holding rows [V_r, H] of the
+    lm_head weights: the chunk loop runs the statistics phase, one exchange
+    for the whole batch (not one per chunk), and the gradient phase over the
+    chunks again (each chunk's logits formed twice: the price of the single
+    exchange). Backward scales the gradients; with reduction="none" it runs
+    the gradient phase again from the saved constants (no collective)."""
+
+    @staticmethod
+    def forward(
+        ctx, s_hidden, s_weight, s_bias, labels, t_hidden, t_weight, t_bias, t_logits, args
+    ):
+        from .fused_linear import _teacher_source, default_chunk_size, linear_logits
+
+        options, reduction, num_items, s_cap, t_cap, chunk, group, need = args
+        teacher = _teacher_source(t_hidden, t_weight, t_bias, t_logits, t_cap, None, None, None)
+        n, width = s_hidden.shape[0], s_weight.shape[0]
+        if chunk is None:
+            row_bytes = 2 * width * s_weight.element_size() + teacher.row_bytes()
+            chunk = default_chunk_size(n, row_bytes, s_hidden.device.type)
+        chunk = max(1, min(chunk, n)) if n else 1
+        rx = RowExchange(group, n, width, labels, options, reduction)
+        t_buffer = teacher.buffer(min(chunk, n))
+
+        def chunks(phase_fn):
+            outs = []
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                s = linear_logits(s_hidden[start:stop], s_weight, s_bias, s_cap)
+                t = teacher.logits(start, stop, t_buffer)
+                outs.append(phase_fn(s, t, start, stop))
+            return torch.cat(outs) if outs else None
+
+        safe = rx.safe_labels
+        stats = None
+        if width and n:
+            stats = chunks(
+                lambda s, t, a, b: ops.distill_stats(
+                    s, t, None if safe is None else safe[a:b], **rx.phase_options()
+                )
+            )
+        elif width:
+            stats = torch.zeros(0, STATS, device=s_hidden.device)
+        consts, hard, soft = rx.merge(
+            stats,
+            lambda offset: _linear_label_logits(s_hidden, s_weight, s_bias, s_cap, labels, offset),
+            s_hidden.device,
+        )
+        if options["divergence"] == "jsd":
+            sums = chunks(
+                lambda s, t, a, b: ops.distill_jsd_sums(
+                    s,
+                    t,
+                    None if labels is None else labels[a:b],
+                    consts=consts[a:b].contiguous(),
+                    **rx.phase_options(),
+                )
+            )
+            sums = sums if sums is not None else torch.zeros(0, 2, device=s_hidden.device)
+            consts, soft = rx.jsd_finish(consts, sums)
+        ignore_index = options["ignore_index"]
+        denom = counted_rows(labels, n, ignore_index, s_hidden.device, num_items)
+        grad_scale = denom.reciprocal() if reduction == "batchmean" else None
+        loss, hard, soft = combine_and_reduce(hard, soft, options["alpha"], reduction, denom)
+        ctx.mark_non_differentiable(hard, soft)
+        ctx.reduction = reduction
+        ctx.rx, ctx.chunk, ctx.need, ctx.cap, ctx.teacher = rx, chunk, need, s_cap, teacher
+        if reduction == "none" or not any(need):
+            ctx.save_for_backward(s_hidden, s_weight, s_bias, labels, consts)
+        else:
+            grads = _linear_grad_pass(
+                (s_hidden, s_weight, s_bias, teacher),
+                rx,
+                consts,
+                labels,
+                chunk,
+                grad_scale,
+                None,
+                need,
+                s_cap,
+            )
+            ctx.save_for_backward(*grads)
+        return loss, hard, soft
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_hard, _grad_soft):
+        refuse_double_backward()
+        none = (None,) * 6
+        if ctx.reduction == "none":
+            s_hidden, s_weight, s_bias, labels, consts = ctx.saved_tensors
+            grads = _linear_grad_pass(
+                (s_hidden, s_weight, s_bias, ctx.teacher),
+                ctx.rx,
+                consts,
+                labels,
+                ctx.chunk,
+                None,
+                grad_loss.to(torch.float32),
+                ctx.need,
+                ctx.cap,
+            )
+            return grads + none
+        grads = ctx.saved_tensors
+        present = [g for g in grads if g is not None]
+        if present and upstream_is_one(grad_loss, present[0]):
+            return tuple(grads) + none
+        return tuple(None if g is None else scaled(g, grad_loss) for g in grads) + none
+
+
+def vocab_parallel_linear_loss(
+    s_hidden, s_weight, s_bias, labels, t_hidden, t_weight, t_bias, t_logits, *, args
+):
+    """The fused-linear loss's (loss, hard, soft) over a column-parallel
+    lm_head (validated by the caller; args as _VocabParallelLinearFunction's)."""
+    return _VocabParallelLinearFunction.apply(
+        s_hidden, s_weight, s_bias, labels, t_hidden, t_weight, t_bias, t_logits, args
+    )

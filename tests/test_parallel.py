@@ -221,6 +221,60 @@ def _errors(rank, world, group):
     torch.testing.assert_close(got.loss, _single(s, t, y)[0].loss, rtol=2e-5, atol=2e-6)
 
 
+def _fused_linear(rank, world, group):
+    """The fused-linear loss over column-parallel lm_heads: each rank's rows of
+    both weights and biases; the loss, the weight and bias rows' gradients and
+    the sum over ranks of the hidden states' gradient equal the single-process
+    loss's, with one exchange per forward whatever the chunk size."""
+    vocab, hs, ht = 211, 12, 16
+    widths = _shards(vocab, world, True)
+    offset, width = sum(widths[:rank]), widths[rank]
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(2, 9, hs, generator=g)
+    w = torch.randn(vocab, hs, generator=g) * 0.8
+    b = torch.randn(vocab, generator=g)
+    th = torch.randn(2, 9, ht, generator=g)
+    tw = torch.randn(vocab, ht, generator=g) * 0.8
+    y = torch.randint(0, vocab, (2, 9), generator=g)
+    y[0, 3] = -100
+    rows = slice(offset, offset + width)
+    for divergence, reduction in (
+        ("forward_kl", "batchmean"),
+        ("jsd", "none"),
+        ("reverse_kl", "sum"),
+    ):
+        opts = dict(divergence=divergence, reduction=reduction, chunk_size=5, student_softcap=6.0)
+        up = torch.linspace(0.5, 1.5, 18).reshape(2, 9) if reduction == "none" else 1.0
+        leaves = [x.clone().requires_grad_() for x in (h, w[rows], b[rows])]
+        with CountingCollectives() as counter:
+            loss = kdfused.fused_linear_distill_loss(
+                leaves[0],
+                leaves[1],
+                y,
+                student_bias=leaves[2],
+                teacher_hidden=th,
+                teacher_weight=tw[rows],
+                process_group=group,
+                **opts,
+            )
+            (loss * up).sum().backward()
+        full = [x.clone().requires_grad_() for x in (h, w, b)]
+        want = kdfused.fused_linear_distill_loss(
+            full[0], full[1], y, student_bias=full[2], teacher_hidden=th, teacher_weight=tw, **opts
+        )
+        (want * up).sum().backward()
+        torch.testing.assert_close(loss, want, rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(leaves[1].grad, full[1].grad[rows], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(leaves[2].grad, full[2].grad[rows], rtol=1e-4, atol=1e-6)
+        hidden_grad = leaves[0].grad.clone()
+        dist.all_reduce(hidden_grad, group=group)  # what the layer before the lm_head does
+        torch.testing.assert_close(hidden_grad, full[0].grad, rtol=1e-4, atol=1e-6)
+        # One exchange (two for JSD) forward and backward together; the first
+        # call with this layout sends the label's logit once more.
+        bound = (2 if divergence == "jsd" else 1) + (divergence == "forward_kl")
+        assert len(counter.calls) == bound, (divergence, counter.calls)
+
+
 def _worker(rank, world, init_file, result_dir, parts):
     torch.set_num_threads(1)
     try:
@@ -266,7 +320,7 @@ def _run(world, parts):
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel(world):
     """Each rank's loss and gradient slice equal the single-process result."""
-    _run(world, ["_cases", "_first_call_and_layout_change", "_errors"])
+    _run(world, ["_cases", "_first_call_and_layout_change", "_errors", "_fused_linear"])
 
 
 def test_dtensor_logits():
