@@ -271,6 +271,10 @@ def fused_distill_loss(
     student_logits, teacher_logits, labels, process_group = _from_dtensors(
         student_logits, teacher_logits, labels, process_group
     )
+    if process_group is not None:
+        from .parallel import split_over
+
+        process_group = split_over(process_group)
     if isinstance(teacher_logits, SparseTeacher):  # DESIGN.md section 6: its own module
         if process_group is not None:
             raise NotImplementedError(

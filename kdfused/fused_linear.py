@@ -505,6 +505,10 @@ def fused_linear_distill_loss(
         teacher_softcap=None if teacher_softcap is None else float(teacher_softcap),
     )
     if process_group is not None:
+        from .parallel import split_over
+
+        process_group = split_over(process_group)
+    if process_group is not None:
         if sparse_teacher is not None or teacher_vocab != "exact":
             raise NotImplementedError(
                 "kdfused: a process_group (vocab-parallel) with a sparse teacher or "

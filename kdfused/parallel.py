@@ -267,6 +267,14 @@ def vocab_parallel_loss(
     )
 
 
+def split_over(group):
+    """The group if the vocabulary is split over more than one rank, else None
+    (a group of one: the plain loss, the same numbers and no collective)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
 def forget_layouts() -> None:
     """Drops the remembered shard layouts (the next call with each group
     exchanges the label's logit once more)."""

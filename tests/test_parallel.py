@@ -141,7 +141,7 @@ def _cases(rank, world, group):
                 torch.testing.assert_close(got.loss.double(), ref, rtol=1e-5, atol=1e-6)
                 # One all_gather (two for JSD) once the group's layout is known;
                 # nothing in backward (counted above with it).
-                bound = 2 if divergence == "jsd" else 1
+                bound = 0 if world == 1 else 2 if divergence == "jsd" else 1
                 gathers = ("all_gather_single", "all_gather_into_tensor")
                 assert all(c in gathers for c in forward_calls), forward_calls
                 assert len(forward_calls) == bound, (divergence, uneven, forward_calls)
@@ -327,9 +327,22 @@ def test_dtensor_logits():
     _run(2, ["_dtensor"])
 
 
+def _one_rank(rank, world, group):
+    """A group of one is the plain loss: the same bits, no collective."""
+    g = torch.Generator().manual_seed(13)
+    s, t = 3 * torch.randn(7, 300, generator=g), 3 * torch.randn(7, 300, generator=g)
+    y = torch.randint(0, 300, (7,), generator=g)
+    for divergence in DIVERGENCES:
+        with CountingCollectives() as counter:
+            got, grad = _sharded(s, t, y, group, 0, 300, divergence=divergence)
+        want, want_grad = _single(s, t, y, divergence=divergence)
+        assert torch.equal(got.loss, want.loss) and torch.equal(grad, want_grad)
+        assert counter.calls == []
+
+
 def test_single_rank_group_is_the_plain_loss():
     """W = 1: the same numbers as without a group."""
-    _run(1, ["_cases"])
+    _run(1, ["_cases", "_one_rank"])
 
 
 if __name__ == "__main__":
