@@ -13,6 +13,8 @@ import numbers
 
 import torch
 
+from ._types import SparseTeacher
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_VOCABS = ("exact", "truncate")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -275,7 +277,7 @@ def validate_linear_tensors(
         tensors += [("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)]
         if teacher_bias is not None:
             tensors.append(("teacher_bias", teacher_bias))
-    elif type(teacher_logits).__name__ == "SparseTeacher":
+    elif isinstance(teacher_logits, SparseTeacher):
         pass  # validate_sparse_teacher checks it against the student
     else:
         _check_floating("teacher_logits", teacher_logits)

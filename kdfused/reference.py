@@ -13,8 +13,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._types import DistillLossOutput
+from ._types import DistillLossOutput, SparseTeacher
 from ._validation import (
+    _check_labels,
     check_label_range,
     check_sparse_indices,
     teacher_columns,
@@ -23,6 +24,7 @@ from ._validation import (
     validate_num_items,
     validate_options,
     validate_sparse_fields,
+    validate_sparse_teacher,
     validate_tensors,
 )
 
@@ -247,7 +249,7 @@ def fused_linear_distill_loss(
         with torch.no_grad():
             t = F.linear(teacher_hidden, teacher_weight, teacher_bias)
             teacher_logits = _softcapped(t, teacher_softcap)
-    if type(teacher_logits).__name__ == "SparseTeacher":  # DESIGN.md section 6
+    if isinstance(teacher_logits, SparseTeacher):  # DESIGN.md section 6
         if teacher_vocab != "exact":
             raise ValueError("teacher_vocab applies to dense teacher logits, not a sparse teacher")
         return sparse_distill_loss(
@@ -330,9 +332,6 @@ def sparse_distill_loss(
     )
     validate_sparse_fields(indices, logprobs, tail, store_temperature)
     _check_floating_student(student_logits)
-    from ._types import SparseTeacher
-    from ._validation import _check_labels, validate_sparse_teacher
-
     teacher = SparseTeacher(indices, logprobs, tail, store_temperature)
     lead = student_logits.shape[:-1]
     validate_sparse_teacher(
