@@ -81,6 +81,7 @@ class _DenseSource:
     logits and the teacher's logits of the same rows (self.logits)."""
 
     inplace = True  # may the kernel write the gradient over the student's logits
+    allocates = False  # does distill return a gradient of its own (no chunk buffer for it)
 
     def distill(self, s, start, stop, buffer, y, grad_scale, options, mode, g_buffer):
         """(hard_rows, soft_rows, gradient or None) of the chunk [start, stop)
@@ -134,6 +135,7 @@ class _SparseSource:
     6), read in place chunk by chunk by the sparse-teacher kernel."""
 
     inplace = False
+    allocates = False
 
     def __init__(self, indices, logprobs, tail, store_temperature):
         self.indices, self.logprobs = indices, logprobs
@@ -182,7 +184,7 @@ def _gradient_mode(device_type: str, s_cap, teacher) -> str:
     tensor ("new"): there the op that writes into a reused buffer gave wrong
     weight gradients (torch 2.13.0: test_compile_fullgraph), and a compiled
     graph plans its own buffers anyway."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or teacher.allocates:
         return "new"
     if s_cap is None and teacher.inplace and device_type in ops.INPLACE_DEVICES:
         return "inplace"

@@ -300,46 +300,43 @@ def _linear_label_logits(hidden, weight, bias, cap, labels, offset):
     return torch.where(inside, logit, torch.zeros_like(logit)), inside.float()
 
 
-def _linear_grad_pass(ctx_tensors, rx, consts, labels, chunk, grad_scale, row_weights, need, cap):
-    """The gradient phase chunk by chunk: each chunk's logits formed again, the
-    kernel's gradient of them from the merged constants, and the matmuls. The
-    hidden states' gradient is this shard's part (a column-parallel layer's
-    input gradient is summed over the group by the layer, as Megatron-LM's
-    copy-to-tensor-parallel-region does), the weight's and bias's are this
-    rank's rows."""
-    from .fused_linear import _add_product, linear_logits
+class _ShardGradient:
+    """The gradient phase as a teacher source of kdfused.fused_linear's chunk
+    loop: per chunk, the dense teacher's logits and this shard's gradient from
+    the merged row constants (the rows' losses are known already: zeros here).
+    The loop then forms the weight and bias rows' gradients and this shard's
+    part of the hidden states' gradient (summed over the group by the layer
+    that feeds the lm_head, as Megatron-LM's column-parallel layers do)."""
 
-    s_hidden, s_weight, s_bias, teacher = ctx_tensors
-    n = s_hidden.shape[0]
-    need_hidden, need_weight, need_bias = need
-    grad_hidden = torch.empty_like(s_hidden) if need_hidden else None
-    grad_weight = s_weight.new_zeros(s_weight.shape, dtype=torch.float32) if need_weight else None
-    grad_bias = s_weight.new_zeros(s_weight.shape[0], dtype=torch.float32) if need_bias else None
-    t_buffer = teacher.buffer(min(chunk, n))
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        h = s_hidden[start:stop]
-        s = linear_logits(h, s_weight, s_bias, cap)
-        t = teacher.logits(start, stop, t_buffer)
-        y = None if labels is None else labels[start:stop]
-        g = ops.distill_grad(
-            s, t, y, grad_scale, consts=consts[start:stop].contiguous(), **rx.phase_options()
-        )
-        if row_weights is not None:
-            g.mul_(row_weights[start:stop, None])
-        if cap is not None:
-            g.mul_(s.div_(cap).square_().neg_().add_(1))
-        if grad_hidden is not None:
-            torch.mm(g, s_weight, out=grad_hidden[start:stop])
-        if grad_weight is not None:
-            _add_product(grad_weight, g.t(), h)
-        if grad_bias is not None:
-            grad_bias.add_(g.sum(0, dtype=torch.float32))
-    if grad_weight is not None:
-        grad_weight = grad_weight.to(s_weight.dtype)
-    if grad_bias is not None:
-        grad_bias = grad_bias.to(s_bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+    inplace = False
+    allocates = True
+
+    def __init__(self, teacher, consts, phase_options):
+        self.teacher, self.consts, self.phase = teacher, consts, phase_options
+
+    def row_bytes(self) -> int:
+        return self.teacher.row_bytes()
+
+    def buffer(self, rows: int):
+        return self.teacher.buffer(rows)
+
+    def distill(self, s, start, stop, buffer, y, grad_scale, options, mode, g_buffer):
+        t = self.teacher.logits(start, stop, buffer)
+        consts = self.consts[start:stop].contiguous()
+        g = ops.distill_grad(s, t, y, grad_scale, consts=consts, **self.phase)
+        rows = s.new_zeros(stop - start, dtype=torch.float32)
+        return rows, rows, g
+
+
+def _linear_grads(tensors, teacher, rx, consts, labels, chunk, grad_scale, row_weights, need, cap):
+    """(hidden, weight, bias) gradients of the shard, by the fused-linear loop."""
+    from .fused_linear import _chunk_pass
+
+    s_hidden, s_weight, s_bias = tensors
+    source = _ShardGradient(teacher, consts, rx.phase_options())
+    return _chunk_pass(
+        s_hidden, s_weight, s_bias, cap, labels, source, {}, chunk, grad_scale, row_weights, need
+    )[2]
 
 
 class _VocabParallelLinearFunction(torch.autograd.Function):
@@ -412,8 +409,9 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         if reduction == "none" or not any(need):
             ctx.save_for_backward(s_hidden, s_weight, s_bias, labels, consts)
         else:
-            grads = _linear_grad_pass(
-                (s_hidden, s_weight, s_bias, teacher),
+            grads = _linear_grads(
+                (s_hidden, s_weight, s_bias),
+                teacher,
                 rx,
                 consts,
                 labels,
@@ -432,8 +430,9 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         none = (None,) * 6
         if ctx.reduction == "none":
             s_hidden, s_weight, s_bias, labels, consts = ctx.saved_tensors
-            grads = _linear_grad_pass(
-                (s_hidden, s_weight, s_bias, ctx.teacher),
+            grads = _linear_grads(
+                (s_hidden, s_weight, s_bias),
+                ctx.teacher,
                 ctx.rx,
                 consts,
                 labels,
