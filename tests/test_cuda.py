@@ -202,3 +202,14 @@ def test_row_split(monkeypatch, parts, vocab, divergence):
     torch.testing.assert_close(out.loss, one[0].loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(grad, one[1])
     assert torch.equal(out.loss, again[0].loss) and torch.equal(grad, again[1])
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocab_parallel_phases_on_cuda(divergence, dtype):
+    """The CUDA phase kernels (statistics, merge, JSD's sums, gradient) on
+    shards of each row in one process, against the CPU kernel on the whole
+    row: what the ranks of a group run, without NCCL."""
+    from test_cuda_emulated import check_phases
+
+    check_phases(torch.ops.kdfused, "cuda", divergence, dtype, (17, 60000, 68239))

@@ -416,28 +416,38 @@ def test_vocab_parallel_phases(emulated, divergence, dtype, widths):
     merged as the ranks would (in one process): the full row's loss and each
     shard's gradient, against the CPU kernel on the whole logits."""
     _emulated_op()
-    emu = torch.ops.kdfused_emulated
+    check_phases(torch.ops.kdfused_emulated, "cpu", divergence, dtype, widths)
+
+
+def check_phases(phase_ops, device, divergence, dtype, widths):
+    """The phase ops of phase_ops (torch.ops.kdfused, or the emulator's) on
+    shards of each row, merged in one process, against the plain kernel."""
     vocab = sum(widths)
-    s = make_logits((6, vocab), dtype, seed=170)
-    t = make_logits((6, vocab), dtype, seed=171)
-    y = make_labels((6,), vocab, "some")
+    s = make_logits((6, vocab), dtype, device, seed=170)
+    t = make_logits((6, vocab), dtype, device, seed=171)
+    y = make_labels((6,), vocab, "some", device=device)
     y[1] = widths[0] + 3  # a label on a later shard
     opts = (2.0, 0.4, divergence, 0.3, -100, True, 0.1)
     offsets = [sum(widths[:r]) for r in range(len(widths))]
     parts = [(s[:, o : o + w], t[:, o : o + w], o) for o, w in zip(offsets, widths, strict=True)]
-    stats = torch.stack([emu.distill_stats(a, b, y, None, *opts, o, vocab) for a, b, o in parts])
+    stats = torch.stack(
+        [phase_ops.distill_stats(a, b, y, None, *opts, o, vocab) for a, b, o in parts]
+    )
     consts, hard, soft = torch.ops.kdfused.distill_merge(stats, y, *opts)
     if divergence == "jsd":
         sums = torch.stack(
-            [emu.distill_jsd_sums(a, b, y, None, *opts, o, vocab, consts) for a, b, o in parts]
+            [
+                phase_ops.distill_jsd_sums(a, b, y, None, *opts, o, vocab, consts)
+                for a, b, o in parts
+            ]
         )
         consts, soft = torch.ops.kdfused.distill_jsd_finish(consts, sums, y, 2.0, 0.3, -100, True)
-    scale = torch.tensor(0.25)
-    grads = [emu.distill_grad(a, b, y, scale, *opts, o, vocab, consts) for a, b, o in parts]
+    scale = torch.tensor(0.25, device=device)
+    grads = [phase_ops.distill_grad(a, b, y, scale, *opts, o, vocab, consts) for a, b, o in parts]
     want_hard, want_soft, want_grad = torch.ops.kdfused.distill_forward(
-        s, t, y, scale, *opts[:6], True, 0.1
+        s.cpu(), t.cpu(), y.cpu(), scale.cpu(), *opts[:6], True, 0.1
     )
-    torch.testing.assert_close(hard, want_hard, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(soft, want_soft, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hard.cpu(), want_hard, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(soft.cpu(), want_soft, rtol=1e-4, atol=1e-5)
     tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=0.02, atol=1e-6)
-    torch.testing.assert_close(torch.cat(grads, 1).float(), want_grad.float(), **tol)
+    torch.testing.assert_close(torch.cat(grads, 1).float().cpu(), want_grad.float(), **tol)

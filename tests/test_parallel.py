@@ -345,5 +345,14 @@ def test_single_rank_group_is_the_plain_loss():
     _run(1, ["_cases", "_one_rank"])
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_phases_in_one_process(divergence):
+    """The CPU phase ops on three shards of each row, merged in one process:
+    the loss and each shard's gradient of the plain kernel."""
+    from test_cuda_emulated import check_phases
+
+    check_phases(torch.ops.kdfused, "cpu", divergence, torch.float32, (17, 600, 1386))
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
