@@ -2,7 +2,7 @@
 top-k log-probabilities instead of its logits.
 
     teacher = kdfused.sparse.topk(teacher_logits, k=64)          # extract
-    kdfused.sparse.save("store/", teacher)                        # store
+    kdfused.sparse.save("store/", teacher, vocab_size=V)          # store
     teacher = kdfused.sparse.load("store/", rows=range(0, 4096))  # stream back
     loss = kdfused.FusedDistillLoss()(student_logits, teacher, labels)
 
