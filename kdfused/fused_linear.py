@@ -594,7 +594,7 @@ def fused_linear_distill_loss(
             args=args,
         )
     else:
-        loss, hard, soft = _linear_function(
+        loss, hard, soft = _FusedLinearDistillFunction.apply(
             s_hidden,
             student_weight,
             student_bias,
@@ -606,53 +606,15 @@ def fused_linear_distill_loss(
             t_indices,
             t_logprobs,
             t_sparse,
-            options,
+            *options.values(),
             num_items_in_batch,
-            caps,
+            caps["student_softcap"],
+            caps["teacher_softcap"],
             chunk_size,
-            needs,
+            *needs,
         )
     if reduction == "none":
         loss, hard, soft = loss.reshape(lead), hard.reshape(lead), soft.reshape(lead)
     if return_components:
         return DistillLossOutput(loss, hard, soft)
     return loss
-
-
-def _linear_function(
-    s_hidden,
-    student_weight,
-    student_bias,
-    flat_labels,
-    t_hidden,
-    teacher_weight,
-    teacher_bias,
-    t_logits,
-    t_indices,
-    t_logprobs,
-    t_sparse,
-    options,
-    num_items_in_batch,
-    caps,
-    chunk_size,
-    needs,
-):
-    return _FusedLinearDistillFunction.apply(
-        s_hidden,
-        student_weight,
-        student_bias,
-        flat_labels,
-        t_hidden,
-        teacher_weight,
-        teacher_bias,
-        t_logits,
-        t_indices,
-        t_logprobs,
-        t_sparse,
-        *options.values(),
-        num_items_in_batch,
-        caps["student_softcap"],
-        caps["teacher_softcap"],
-        chunk_size,
-        *needs,
-    )
