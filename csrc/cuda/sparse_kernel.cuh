@@ -113,17 +113,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   __syncthreads();
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
     const int64_t id = indices[i * k + j];
-    bool ok = id >= -1 && id < v;
-    if (ok && id >= 0) {
-      const uint32_t bit = 1u << (id & 31);
-      ok = (atomicOr(&mask[id >> 5], bit) & bit) == 0u;
-      if (!ok) {
-        printf(
-            "kdfused: sparse teacher indices[%lld, %lld] = %lld repeats an id kept earlier "
-            "in its row: a row's kept ids must be distinct\n",
-            static_cast<long long>(i), static_cast<long long>(j), static_cast<long long>(id));
-      }
-    } else if (!ok) {
+    const bool ok = id >= -1 && id < v;
+    if (!ok) {
       printf(
           "kdfused: sparse teacher indices[%lld, %lld] = %lld is outside [0, V) with V = %lld "
           "(-1 pads a row)\n",
@@ -132,11 +123,24 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
     }
     CUDA_KERNEL_ASSERT(ok);
     const bool use = ok && id >= 0;
+    if (use) atomicOr(&mask[id >> 5], 1u << (id & 31));
     ids[j] = use ? static_cast<int32_t>(id) : -1;
     lb[j] = use ? static_cast<float>(s[id]) : 0.f;
     x[j] = logprobs[i * k + j];
   }
   __syncthreads();
+  // A repeated id, reported at its later entry whatever the threads' order.
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+    bool distinct = true;
+    for (int64_t q = 0; q < j && ids[j] >= 0; ++q) distinct = distinct && ids[q] != ids[j];
+    if (!distinct) {
+      printf(
+          "kdfused: sparse teacher indices[%lld, %lld] = %lld repeats an id kept earlier in its "
+          "row: a row's kept ids must be distinct\n",
+          static_cast<long long>(i), static_cast<long long>(j), static_cast<long long>(ids[j]));
+    }
+    CUDA_KERNEL_ASSERT(distinct);
+  }
 
   // Pass 1: the online softmax, the tail's sum apart.
   SparseStats st = sparse_empty();
