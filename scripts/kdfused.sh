@@ -4,6 +4,7 @@
 # it, then runs what was asked.
 #
 #   bash scripts/kdfused.sh demo [demo options]   # python -m kdfused.demo
+#   bash scripts/kdfused.sh lm-demo [options]      # python -m kdfused.lm_demo
 #   bash scripts/kdfused.sh test [pytest options] # the whole test suite
 #   bash scripts/kdfused.sh bench [pytest options] # the pytest-benchmark suite
 #
@@ -16,8 +17,9 @@ cd "$(dirname "$0")/.."
 what=${1:-}
 case "$what" in
   demo) extra=demo ;;
+  lm-demo) extra=lm ;;
   test | bench) extra=test ;;  # one venv and build for both
-  *) echo "usage: bash scripts/kdfused.sh demo|test|bench [options]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/kdfused.sh demo|lm-demo|test|bench [options]" >&2; exit 2 ;;
 esac
 shift
 
@@ -47,6 +49,9 @@ fi
 
 if [ "$what" = demo ]; then
   exec "$py" -m kdfused.demo "$@"
+fi
+if [ "$what" = lm-demo ]; then
+  exec "$py" -m kdfused.lm_demo "$@"
 fi
 # -ra prints the reason of every skipped test.
 if [ "$what" = bench ]; then
