@@ -15,11 +15,10 @@
 namespace kdfused {
 
 // Numbers, shapes and devices for error messages, formatted without iostream
-// (std::to_string / snprintf). On the lent GPU machine (torch 2.11.0+cu130,
-// Python 3.12, g++ 13.3) any extension code that formats a number with an
-// ostream, c10::str and so every TORCH_CHECK message with a number argument
-// included, kills the process with SIGSEGV; strings are fine (see
-// scripts/diag_iostream.py and notes/gpu-machine.md). So every TORCH_CHECK in
+// (std::to_string / snprintf). Under torch 2.11.0+cu130 with Python 3.12 and
+// g++ 13.3, any extension code that formats a number with an ostream, c10::str
+// and so every TORCH_CHECK message with a number argument included, kills the
+// process with SIGSEGV; strings are fine (docs/gpu-runs.md). So every TORCH_CHECK in
 // csrc/ passes its values through text() or as plain strings.
 std::string text(int64_t x);
 std::string text(double x);
@@ -139,5 +138,13 @@ std::tuple<at::Tensor, at::Tensor> distill_forward_out_op(KDFUSED_KERNEL_ARGS, a
 // the CPU has both) or "default" (baseline x86-64; forced by
 // KDFUSED_CPU_CAPABILITY=default).
 std::string cpu_capability();
+
+// What this library was built with, for bug reports (kdfused.build_info()):
+// "torch=2.13.0" and, with the CUDA kernels, ";cuda=13000;cuda_archs=800,900"
+// (the CUDA runtime version and the compiled sm_ targets).
+std::string build_config();
+#ifdef KDFUSED_WITH_CUDA
+std::string cuda_build_config();  // the CUDA part, from a .cu file (nvcc's macros)
+#endif
 
 }  // namespace kdfused

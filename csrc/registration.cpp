@@ -3,6 +3,7 @@
 // static initialisers run the registrations below).
 #include <Python.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include "distill_op.h"
 #include "parallel_op.h"
@@ -29,6 +30,15 @@ TORCH_LIBRARY(kdfused, m) {
   m.def(kdfused::kDistillJsdFinishSchema, {at::Tag::pt2_compliant_tag});
   // Which instruction set the CPU kernel uses in this process.
   m.def("cpu_capability() -> str", &kdfused::cpu_capability);
+  m.def("build_config() -> str", &kdfused::build_config);
+}
+
+std::string kdfused::build_config() {
+  std::string config = "torch=" TORCH_VERSION;
+#ifdef KDFUSED_WITH_CUDA
+  config += ";" + cuda_build_config();
+#endif
+  return config;
 }
 
 TORCH_LIBRARY_IMPL(kdfused, CPU, m) {

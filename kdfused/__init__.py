@@ -1,6 +1,7 @@
 """kdfused: a fused knowledge-distillation loss for PyTorch (see README.md)."""
 
 from . import reference, sparse
+from ._info import __version__, build_info
 from ._types import SparseTeacher
 from .functional import fused_distill_loss
 from .fused_linear import fused_linear_distill_loss
@@ -10,6 +11,8 @@ __all__ = [
     "FusedDistillLoss",
     "FusedLinearDistillLoss",
     "SparseTeacher",
+    "__version__",
+    "build_info",
     "fused_distill_loss",
     "fused_linear_distill_loss",
     "reference",

@@ -138,4 +138,12 @@ DistillResult distill_cuda(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Ten
   return {hard, soft, grad};
 }
 
+// nvcc defines __CUDA_ARCH_LIST__ (e.g. 800,900) in every pass of a .cu file.
+#define KDFUSED_STRINGIFY2(...) #__VA_ARGS__
+#define KDFUSED_STRINGIFY(...) KDFUSED_STRINGIFY2(__VA_ARGS__)
+std::string cuda_build_config() {
+  return "cuda=" + text(int64_t{CUDART_VERSION}) +
+         ";cuda_archs=" KDFUSED_STRINGIFY(__CUDA_ARCH_LIST__);
+}
+
 }  // namespace kdfused
