@@ -65,13 +65,12 @@ def _require(module: str):
 
 def stdlib_sources() -> tuple[Path, list[Path]]:
     """(root, the standard library's .py files, sorted), without installed
-    packages (site-packages / dist-packages)."""
+    packages (site-packages / dist-packages are not walked)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        p
-        for p in root.rglob("*.py")
-        if not any(part in ("site-packages", "dist-packages") for part in p.relative_to(root).parts)
-    ]
+    files = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages")]
+        files.extend(Path(folder, n) for n in names if n.endswith(".py"))
     if not files:
         raise SystemExit(f"no Python source files under {root}")
     return root, sorted(files)
@@ -575,7 +574,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes, under a minute (CI)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary, 512..32000")
-    p.add_argument("--train-bytes", type=int, default=2_000_000)
+    p.add_argument("--train-bytes", type=int, default=1_600_000)
     p.add_argument("--heldout-bytes", type=int, default=400_000)
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of the files")
     p.add_argument("--seq-len", type=int, default=128)
@@ -583,7 +582,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher-layers", type=int, default=4)
     p.add_argument("--teacher-width", type=int, default=256)
     p.add_argument("--teacher-heads", type=int, default=4)
-    p.add_argument("--teacher-steps", type=int, default=300)
+    p.add_argument("--teacher-steps", type=int, default=240)
     p.add_argument("--teacher-lr", type=float, default=2e-3)
     p.add_argument("--student-layers", type=int, default=2)
     p.add_argument("--student-width", type=int, default=128)
