@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU machine's check, in one call of the device tool (see DEVELOPERS.md):
+# The check for a machine with an NVIDIA GPU, in one command (CONTRIBUTING.md):
 # build with all cores, the CUDA tests, a benchmark of kdfused against plain
 # PyTorch eager, torch.compile and, when its wheel was carried in .whl/,
 # Liger-Kernel, the fused-linear loss against Liger-Kernel's
@@ -11,7 +11,8 @@
 #
 #   KDFUSED_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
 #
-# (.git does not travel to that machine, hence KDFUSED_COMMIT.) Options:
+# (KDFUSED_COMMIT names the commit in the output, for a copy of the tree
+# without .git.) Options:
 # GPU_CHECK_SIZES (default 8192x128256,4096x32000), GPU_CHECK_DTYPE (bfloat16),
 # GPU_CHECK_TESTS (pytest arguments; default: every test with a CUDA case),
 # GPU_CHECK_LINEAR_SIZES (fused-linear sizes NxHsxHtxV),
@@ -57,7 +58,7 @@ else
   # CPU cases ran in CI; the emulator's tests stand in for a GPU.)
   test_args=(tests -m "not emulated" -k cuda)
 fi
-# pytest-xdist (on the GPU machine's image) spreads the suite over 8 workers,
+# pytest-xdist (where installed) spreads the suite over 8 workers,
 # two CPU threads each (16 threads per worker starved the 16 cores).
 python3 -c "import xdist" 2>/dev/null && test_args=(-n 8 "${test_args[@]}")
 OMP_NUM_THREADS=2 timeout 150 python3 -m pytest -q -ra -p no:cacheprovider "${test_args[@]}" 2>&1 \

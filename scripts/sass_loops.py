@@ -6,7 +6,7 @@ in issued instructions, and what that path issues. The kernel's pack loops branc
 around their rare work (an anchor rescale, non-finite anchors), so the shortest
 path is the one a pack takes almost always: instructions per pack of W elements
 (8 for bf16/fp16, 4 for fp32). Used to compare two builds' loops before a GPU
-run can time them (notes/gpu-tuning.md).
+run can time them (docs/cuda-tuning.md).
 
     nvcc ... -gencode=arch=compute_90,code=sm_90 -cubin -o k.cubin csrc/cuda/distill_cuda.cu
     cuobjdump -sass k.cubin > k.sass   # cuobjdump: CUDA toolkit, or triton's copy

@@ -10,8 +10,8 @@ from kdfused import ops
 
 # Every device the suite runs on: the CPU kernel always, the CUDA kernel when
 # a GPU and the CUDA kernel are both present (else those cases are skipped,
-# with the reason printed by pytest -ra; test_ops fails a GPU machine whose
-# build lacks the CUDA kernel).
+# with the reason printed by pytest -ra; test_ops fails on a machine with a
+# GPU whose build lacks the CUDA kernel).
 CUDA_READY = torch.cuda.is_available() and ops.has_kernel("cuda")
 if CUDA_READY:
     WHY_NO_CUDA = ""

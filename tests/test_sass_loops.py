@@ -1,4 +1,4 @@
-"""scripts/sass_loops.py, the SASS loop counter behind notes/gpu-tuning.md's
+"""scripts/sass_loops.py, the SASS loop counter behind docs/cuda-tuning.md's
 instruction counts, on hand-written cuobjdump-style listings."""
 
 import importlib.util

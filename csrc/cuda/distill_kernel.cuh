@@ -7,7 +7,7 @@
 // results are bit-identical run to run. All accumulation is float32.
 //
 // Each row is read twice (three times for JSD): 10 bytes per bf16 element
-// instead of the 6-byte floor when the second read misses L2 (notes/gpu-tuning.md
+// instead of the 6-byte floor when the second read misses L2 (docs/cuda-tuning.md
 // has the measurements and what was tried against that).
 //
 // Kept apart from the launcher (distill_cuda.cu) so that the CPU-only test
@@ -331,7 +331,7 @@ __device__ float thread_sum_below(const Row<S, Tt>& row, float ms) {
 // once the anchors are finite, with the z1 mode fixed per row and only the
 // weighted sum its divergence reads, the gradient loop compiled per divergence
 // and term weights (GradVariant) with no label test inside, and exps taken as
-// exp_affine's one FFMA before 2^x (notes/gpu-tuning.md, change 3). Each
+// exp_affine's one FFMA before 2^x (docs/cuda-tuning.md, change 3). Each
 // pass after the first runs in the direction opposite to the one before it,
 // starting on what is most likely still in L2. Registers are capped so that
 // three 512-thread blocks share a multiprocessor (unbounded, ptxas took 58-80).
@@ -340,7 +340,7 @@ __device__ float thread_sum_below(const Row<S, Tt>& row, float ms) {
 // is split over cluster i: block r takes part_columns(v, W, k, r), and the
 // statistics and JSD's sums are merged through distributed shared memory
 // (cluster_merge). A row is then in flight for about 1/k of the time, so its
-// second read is likelier to come from L2 (notes/gpu-tuning.md, change 4).
+// second read is likelier to come from L2 (docs/cuda-tuning.md, change 4).
 // Blocks of kSplitThreads, four per multiprocessor (64 registers: at 40 the
 // merges made ptxas spill inside the pack loops). Not measured on a GPU yet,
 // so not the default.
