@@ -189,6 +189,13 @@ def hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
     return model.model(input_ids=ids).last_hidden_state
 
 
+def next_token_ce(model, h: torch.Tensor, y: torch.Tensor, _teacher=None) -> torch.Tensor:
+    """Plain next-token cross-entropy through the model's lm_head (the
+    [B, L, V] logits materialised, as transformers computes its loss)."""
+    logits = model.lm_head(h).float()
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
 def blocks(n_windows: int, batch_size: int, steps: int, seed: int) -> list[int]:
     """`steps` batch numbers: batch b is windows [b * B, (b + 1) * B) of the
     (once shuffled) training windows, and the store's rows [b * B * L,
@@ -205,8 +212,8 @@ def blocks(n_windows: int, batch_size: int, steps: int, seed: int) -> list[int]:
 
 
 def train(model, step_loss, plan, *, lr, desc, progress, evaluate=None, eval_every=0):
-    """AdamW with a cosine schedule over `plan` (window-index batches);
-    `step_loss(model, batch)` gives the loss. Returns (seconds, curve): the
+    """AdamW with a cosine schedule over `plan` (batch numbers, see blocks());
+    `step_loss(model, b)` gives batch b's loss. Returns (seconds, curve): the
     held-out curve [(step, bits per byte)] when `evaluate` is given (its time
     is not counted)."""
     from tqdm.auto import tqdm
@@ -351,10 +358,6 @@ def student_runs(args, teacher, train_w, store) -> list[Run]:
         temperature=args.temperature, alpha=args.alpha, divergence=args.divergence
     )
 
-    def ce(model, h, y, _):
-        logits = model.lm_head(h).float()
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
-
     @torch.no_grad()
     def teacher_hidden(b):
         return hidden_states(teacher, train_w[b * B : (b + 1) * B, :-1])
@@ -372,7 +375,7 @@ def student_runs(args, teacher, train_w, store) -> list[Run]:
         )
 
     return [
-        Run("ce", lambda b: None, ce),
+        Run("ce", lambda b: None, next_token_ce),
         Run("online", teacher_hidden, online),
         Run(f"offline top-{args.k}", stored, offline),
     ]
@@ -420,8 +423,7 @@ def main(argv=None) -> dict:
 
     def ce_loss(model, b):
         w = train_w[b * B : (b + 1) * B]
-        logits = model.lm_head(hidden_states(model, w[:, :-1])).float()
-        return F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten())
+        return next_token_ce(model, hidden_states(model, w[:, :-1]), w[:, 1:])
 
     # The teacher: trained once, cached by its config and the data.
     t_shape = ModelShape(args.teacher_layers, args.teacher_width, args.teacher_heads)
