@@ -252,6 +252,8 @@ def test_module_and_components():
         "FusedDistillLoss",
         "FusedLinearDistillLoss",
         "SparseTeacher",
+        "__version__",
+        "build_info",
         "fused_distill_loss",
         "fused_linear_distill_loss",
         "reference",
