@@ -393,7 +393,8 @@ def loss_step_peak(run: Run, model, w: torch.Tensor, operand) -> int:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    _require("transformers"), _require("tokenizers"), _require("safetensors")
+    for module in ("transformers", "tokenizers", "safetensors"):
+        _require(module)  # a clear message before any work, not halfway through
     progress = not args.no_progress
     if not progress:
         _require("transformers").utils.logging.disable_progress_bar()

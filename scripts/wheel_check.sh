@@ -14,8 +14,8 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 venv=${1:-${KDFUSED_VENV:-.venv}}
+[ -x "$venv/bin/python" ] || { echo "no $venv/bin/python: run bash scripts/kdfused.sh test first" >&2; exit 1; }
 py="$(cd "$venv" && pwd)/bin/python"
-[ -x "$py" ] || { echo "no $py: run bash scripts/kdfused.sh test first" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

@@ -24,7 +24,7 @@ def tiny(layers, width, seed):
     return lm_demo.build_model(lm_demo.ModelShape(layers, width, 2), VOCAB, SEQ, seed)
 
 
-def params_and_grads(model):
+def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -49,7 +49,7 @@ def test_transformers_wiring_matches_logits_path(divergence):
             h_s, model.lm_head.weight, h_t, teacher.lm_head.weight, y
         )
         loss.backward()
-        return loss, params_and_grads(model)
+        return loss, grads(model)
 
     def logits_path(model, t_model, loss_fn):
         model.zero_grad(set_to_none=True)
@@ -57,7 +57,7 @@ def test_transformers_wiring_matches_logits_path(divergence):
             t_logits = t_model(input_ids=x).logits
         loss = loss_fn(model(input_ids=x).logits, t_logits, y, **opts)
         loss.backward()
-        return loss, params_and_grads(model)
+        return loss, grads(model)
 
     got, got_g = fused_linear(student)
     dense, dense_g = logits_path(student, teacher, kdfused.fused_distill_loss)
