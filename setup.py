@@ -1,7 +1,7 @@
 """Builds kdfused._C: the C++ CPU kernel always, the CUDA kernel when possible.
 
 Install with ``pip install --no-build-isolation -e .`` so that the extension is
-compiled against the torch that will import it (DESIGN.md section 4).
+compiled against the torch that will import it (docs/design.md, "Build").
 """
 
 import glob

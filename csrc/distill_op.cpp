@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <limits>
 
 namespace kdfused {
 
@@ -117,6 +118,7 @@ DistillProblem prepare_student(const at::Tensor& student, const std::optional<at
         g.dim() == 0 && g.scalar_type() == at::kFloat && g.device() == student.device(),
         "kdfused: grad_scale must be a 0-d float32 tensor on ", student.device().str(), ", got ",
         text(g));
+    prob.grad_scale = g;
   }
 
   prob.params = make_params(temperature, alpha, parse_divergence(divergence), beta, ignore_index,
@@ -150,6 +152,11 @@ DistillProblem prepare_problem(const at::Tensor& student, const at::Tensor& teac
   return prob;
 }
 
+void check_row_count(int64_t n) {
+  TORCH_CHECK_VALUE(n <= std::numeric_limits<int32_t>::max(),
+                    "kdfused: at most 2^31 - 1 rows per call, got N = ", text(n));
+}
+
 DistillResult allocate_outputs(const DistillProblem& prob, bool compute_grad,
                                const at::Tensor* grad_out) {
   const auto rows = prob.student.options().dtype(at::kFloat);
@@ -168,6 +175,10 @@ DistillResult allocate_outputs(const DistillProblem& prob, bool compute_grad,
   at::Tensor grad = compute_grad ? at::empty({prob.n, prob.v}, prob.student.options())
                                  : at::empty({0}, prob.student.options());
   return {hard, soft, grad};
+}
+
+at::Tensor allocate_entropy(const DistillProblem& prob, bool wanted) {
+  return at::empty({wanted ? prob.n : 0}, prob.student.options().dtype(at::kFloat));
 }
 
 }  // namespace kdfused

@@ -1,4 +1,4 @@
-// The per-element math of the distillation loss (DESIGN.md section 1) and the
+// The per-element math of the distillation loss (docs/design.md, "The loss") and the
 // online-softmax merge, as inline host+device functions: the single definition
 // that the CPU kernel and the CUDA kernel both include.
 //
@@ -11,6 +11,8 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cfloat>
 #include <cmath>
@@ -135,11 +137,9 @@ KDFUSED_HOT float exp_affine(float d, float scale, float offset) {
 #endif
 }
 
-// log x for a probability, x in [0, 1] or NaN, with x below FLT_MIN taken as
-// FLT_MIN. Its one caller, log_mix, weights log m by p_t <= m / beta or
-// p_s <= m / (1 - beta), so an element with m < FLT_MIN moves a sum by at most
-// m log(FLT_MIN / m) <= FLT_MIN / e, while the GPU's flush of such m to 0
-// would have made log m = -inf and the sum inf. NaN stays NaN.
+// log x for x in [0, 1] or NaN, with x below FLT_MIN taken as FLT_MIN (the
+// GPU would flush it to 0 and make log x = -inf). Its caller, mix_gaps, takes
+// it of a value in [min(beta, 1 - beta), 1]. NaN stays NaN.
 KDFUSED_HOT float kd_log_prob(float x) {
   const float xn = x < FLT_MIN ? FLT_MIN : x;  // NaN fails the test and is kept
 #ifdef __CUDA_ARCH__
@@ -358,6 +358,36 @@ C10_HOST_DEVICE inline RowStats stats_merge(RowStats a, RowStats b, float inv_t)
   return RowStats{ms, mt, ref, a.zs + b.zs, a.zt + b.zt, a.z1 + b.z1, a.ws + b.ws, a.wt + b.wt};
 }
 
+// The student's entropy H(p_s) = -sum p_s log p_s of a row (p_s = softmax(s / T)),
+// from one more sum that pass 1 keeps beside RowStats when it is asked for:
+//   hs = sum exp((s - ms) / T) (s - ms)        (logit units, anchored at ms)
+// Then H = log zs - hs / (T zs): both terms are >= 0 (hs <= 0), so nothing
+// cancels, and a masked logit (exp 0) adds nothing (0 log 0 = 0). It is kept
+// out of RowStats so that the statistics the vocab-parallel phases exchange
+// (ShardStats) and the kernels that do not ask keep their size and work.
+
+// What one element adds to hs, given its es = exp((s - ms) / T) (as
+// accumulate_terms returns it) and the anchor's finiteness as there.
+KDFUSED_HOT float entropy_term(float s, float ms, float es, bool finite_anchors = false) {
+  return weighted(es, finite_anchors ? s - ms : below(s, ms));
+}
+
+// hs, accumulated with the anchor ms_old and the sum zs_old = sum exp((s -
+// ms_old) / T), moved to the anchor ms_new >= ms_old: every s - ms shifts by
+// ms_old - ms_new and every weight scales by exp((ms_old - ms_new) / T), as
+// stats_rescale moves ws. Unchanged when the anchor is (the common case).
+C10_HOST_DEVICE inline float entropy_moved(float hs, float zs_old, float ms_old, float ms_new,
+                                           float inv_t) {
+  if (ms_old == ms_new) return hs;
+  const float r = shifted_exp(ms_old, ms_new, inv_t);
+  return weighted(r, hs + weighted(zs_old, anchor_shift(ms_old, ms_new)));
+}
+
+// H(p_s) of a row from its complete zs and hs (both at the anchor ms).
+C10_HOST_DEVICE inline float row_entropy(float hs, float zs, float inv_t) {
+  return ::logf(zs) - hs / zs * inv_t;
+}
+
 // What the later passes need of a row once its statistics are complete.
 struct RowConsts {
   float ms, mt, ref;     // the anchors
@@ -412,9 +442,32 @@ KDFUSED_HOT float prob_t(float t, const RowConsts& c, const LossParams& p) {
   return exp_affine(t - c.mt, p.inv_t, c.log_zt);
 }
 
-// log m = log(beta p_t + (1 - beta) p_s), from the two probabilities.
-KDFUSED_HOT float log_mix(float pt, float ps, const LossParams& p) {
-  return kd_log_prob(p.beta * pt + (1.f - p.beta) * ps);
+// log p_t - log p_s of one element, from the logits: the shifted logits'
+// difference first, then the row's constant (exact where both are finite;
+// -inf - -inf, both masked, is NaN and weighted by 0 wherever it is read).
+KDFUSED_HOT float log_ratio_ts(float s, float t, const RowConsts& c, const LossParams& p) {
+  return (below(t, c.mt) - below(s, c.ms)) * p.inv_t + (c.log_zs - c.log_zt);
+}
+
+// JSD's log-ratios to the mixture m = beta p_t + (1 - beta) p_s of one
+// element: ds = log p_s - log m and dt = log p_t - log m, given the two
+// probabilities and d = log p_t - log p_s. m is taken relative to the larger
+// probability, log m - log p_big = log(w_big + w_small (p_small / p_big)), whose
+// argument lies in [min(beta, 1 - beta), 1]: at a large temperature, where
+// p_s ~ p_t and ds, dt are small, forming log m first and subtracting would
+// lose them to the rounding of two log-probabilities (as PyTorch's logaddexp
+// does not). Both 0 (a masked element): NaN, weighted by 0 where it is read.
+struct MixGaps {
+  float ds, dt;
+};
+
+KDFUSED_HOT MixGaps mix_gaps(float ps, float pt, float d, const LossParams& p) {
+  const bool t_big = pt > ps;
+  const float ratio = t_big ? ps / pt : pt / ps;
+  const float w_big = t_big ? p.beta : 1.f - p.beta;
+  const float w_small = t_big ? 1.f - p.beta : p.beta;
+  const float up = kd_log_prob(w_big + w_small * ratio);  // log m - log p_big
+  return t_big ? MixGaps{-d - up, -up} : MixGaps{-up, d - up};
 }
 
 // JSD pass 2: the two row sums KL(p_t || m) and KL(p_s || m).
@@ -423,15 +476,16 @@ struct JsdSums {
   float kl_sm;
 };
 
-// What one element contributes to JSD: both probabilities, both log-probs
-// and log m.
+// What one element contributes to JSD: both probabilities and their
+// log-ratios to the mixture.
 struct JsdElement {
-  float ps, pt, lps, lpt, lm;
+  float ps, pt;
+  MixGaps gap;
 };
 
 KDFUSED_HOT JsdElement jsd_element(float s, float t, float ps, float pt, const RowConsts& c,
                                    const LossParams& p) {
-  return JsdElement{ps, pt, log_ps(s, c, p), log_pt(t, c, p), log_mix(pt, ps, p)};
+  return JsdElement{ps, pt, mix_gaps(ps, pt, log_ratio_ts(s, t, c, p), p)};
 }
 
 KDFUSED_HOT JsdElement jsd_element(float s, float t, const RowConsts& c, const LossParams& p) {
@@ -439,8 +493,8 @@ KDFUSED_HOT JsdElement jsd_element(float s, float t, const RowConsts& c, const L
 }
 
 KDFUSED_HOT void jsd_accumulate(JsdSums& acc, const JsdElement& e) {
-  acc.kl_tm += prob_weighted(e.pt, e.lpt - e.lm);
-  acc.kl_sm += prob_weighted(e.ps, e.lps - e.lm);
+  acc.kl_tm += prob_weighted(e.pt, e.gap.dt);
+  acc.kl_sm += prob_weighted(e.ps, e.gap.ds);
 }
 
 KDFUSED_HOT void jsd_accumulate(JsdSums& acc, float s, float t, const RowConsts& c,
@@ -541,7 +595,7 @@ KDFUSED_HOT float grad_from_probs(float s, float t, float ps, float pt, bool is_
       // log p_s - log p_t - KL(p_s || p_t) = r_s - E_ps[r_s]
       dd = weighted(ps, (below(s, c.ms) - below(t, c.ref)) * p.inv_t - c.mean_rs);
     } else {
-      dd = jsd_grad(ps, log_ps(s, c, p) - log_mix(pt, ps, p), c, p);
+      dd = jsd_grad(ps, mix_gaps(ps, pt, log_ratio_ts(s, t, c, p), p).ds, c, p);
     }
   }
   return combine_grad<kHard, kSoft, kQ, kSmooth>(s, ps, dd, is_label, c, k);
@@ -609,7 +663,7 @@ C10_HOST_DEVICE inline float grad_element(float s, float t, bool is_label, const
 }
 
 // ---------------------------------------------------------------------------
-// The sparse teacher (DESIGN.md section 6): the teacher is k stored
+// The sparse teacher (docs/design.md, "The sparse teacher"): the teacher is k stored
 // log-probabilities lp_i (at store temperature Ts) of kept ids idx_i, and the
 // divergence is taken over k + 1 buckets: the kept ids and the tail (all other
 // ids). The student's buckets are p_s[idx_i] and its mass outside the kept ids,
@@ -667,6 +721,44 @@ KDFUSED_HOT float sparse_accumulate(float s, float tail, float ms, float inv_t, 
   return es;
 }
 
+// The teacher's entries as the kernels read them, in the dtypes they came in
+// (converted one element at a time, never as a copy of the batch). Padded
+// layout (offsets null): row i is entries [i k, (i + 1) k), -1 pads. Ragged:
+// row i is entries [offsets[i], offsets[i + 1]) and k is the longest row.
+enum class IdType : int32_t { kInt64 = 0, kInt32 = 1, kUInt16 = 2 };
+enum class LogprobType : int32_t { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+struct TeacherEntries {
+  const void* ids;
+  const void* logprobs;
+  const int64_t* offsets;  // [N + 1], or null: padded
+  int64_t k;
+  IdType id_type;
+  LogprobType lp_type;
+
+  C10_HOST_DEVICE int64_t row_begin(int64_t i) const { return offsets ? offsets[i] : i * k; }
+  C10_HOST_DEVICE int64_t row_end(int64_t i) const { return offsets ? offsets[i + 1] : i * k + k; }
+  C10_HOST_DEVICE int64_t id(int64_t e) const {
+    if (id_type == IdType::kInt64) return static_cast<const int64_t*>(ids)[e];
+    if (id_type == IdType::kInt32) return static_cast<const int32_t*>(ids)[e];
+    return static_cast<const uint16_t*>(ids)[e];
+  }
+  C10_HOST_DEVICE float logprob(int64_t e) const {
+    if (lp_type == LogprobType::kFloat) return static_cast<const float*>(logprobs)[e];
+    if (lp_type == LogprobType::kHalf) {
+      return static_cast<float>(static_cast<const c10::Half*>(logprobs)[e]);
+    }
+    return static_cast<float>(static_cast<const c10::BFloat16*>(logprobs)[e]);
+  }
+};
+
+// A kept id's p_s as the ratio exp((s - ms) / T) / zs (inv_zs = 1 / zs), as
+// the gradient pass forms the other ids': exp(log p_s) would carry log zs's
+// rounding (|log zs| ~ 10 for V ~ 32k) into every kept id.
+KDFUSED_HOT float prob_s_ratio(float s, float ms, float inv_t, float inv_zs) {
+  return exp_affine(below(s, ms), inv_t, 0.f) * inv_zs;
+}
+
 // The student row's constants (the RowConsts fields the hard term and
 // combine_grad read) and log b_g, the log of its tail bucket (-inf when the
 // kept ids hold all its mass).
@@ -699,22 +791,30 @@ struct SparseRow {
 
 // The teacher's tail mass at store temperature: 1 - sum exp(lp_i), clamped to
 // [0, 1], and exactly 0 when the row keeps all V ids.
+// Formed as -expm1(log sum exp(lp_i)): where the kept ids hold nearly all the
+// mass, 1 - sum exp(lp_i) would cancel to 0 (one kept log-prob of -1e-8 leaves
+// a tail of 1e-8, not 0, and a divergence that reads log(tail) stays finite).
 C10_HOST_DEVICE inline float sparse_teacher_tail(const float* lp, int64_t n, bool all_kept) {
   if (all_kept) return 0.f;
-  float kept = 0.f;
-  for (int64_t i = 0; i < n; ++i) kept += ::expf(lp[i]);
-  const float g = 1.f - kept;
+  float m = neg_inf();
+  for (int64_t i = 0; i < n; ++i) m = max_keep(m, lp[i]);
+  if (m == neg_inf()) return 1.f;  // nothing kept
+  float z = 0.f;
+  for (int64_t i = 0; i < n; ++i) z += ::expf(lp[i] - m);
+  const float g = -::expm1f(m + ::logf(z));
   return g < 0.f ? 0.f : (g > 1.f ? 1.f : g);
 }
 
 // The divergence over the k + 1 buckets of one row. n: the kept (not padded)
 // entries; lb[i]: the student's log p_s[idx_i]; x[i]: in, the stored log-prob
 // lp_i; out, T dD/ds at idx_i. log_tail: the student's log b_g; all_kept: n is
-// the whole vocabulary. st_over_t = Ts / T. A renormalized row with no kept
-// entry has no teacher: D = 0 and no gradient.
+// the whole vocabulary. st_over_t = Ts / T. ps[i]: p_s[idx_i] itself (the
+// ratio form, prob_s_ratio), or null: exp(lb[i]). A renormalized row with no
+// kept entry has no teacher: D = 0 and no gradient.
 C10_HOST_DEVICE inline SparseRow sparse_buckets(const float* lb, float* x, int64_t n,
                                                 float log_tail, bool all_kept, Tail tail,
-                                                float st_over_t, const LossParams& p) {
+                                                float st_over_t, const LossParams& p,
+                                                const float* ps = nullptr) {
   if (tail == Tail::kRenormalize && n == 0) {
     return SparseRow{0.f, 0.f};
   }
@@ -732,47 +832,48 @@ C10_HOST_DEVICE inline SparseRow sparse_buckets(const float* lb, float* x, int64
   const float pt_g = ::expf(lpt_g);
   const float ps_g = ::expf(log_tail);
   const bool tail_live = ps_g > 0.f;  // else no tail element carries mass
+  const auto ps_of = [&](int64_t i) { return ps ? ps[i] : ::expf(lb[i]); };
   const float q = p.beta, q1 = 1.f - p.beta;
   if (p.div == Divergence::kForwardKL) {
     float d = weighted(pt_g, lpt_g - log_tail);
     for (int64_t i = 0; i < n; ++i) {
       const float lpt = log_pt(x[i] * st_over_t);
       d += weighted(::expf(lpt), lpt - lb[i]);
-      x[i] = ::expf(lb[i]) - ::expf(lpt);  // p_s - p_t
+      x[i] = ps_of(i) - ::expf(lpt);  // p_s - p_t
     }
     return SparseRow{d, tail_live ? 1.f - pt_g / ps_g : 0.f};
   }
   if (p.div == Divergence::kReverseKL) {
     float d = weighted(ps_g, log_tail - lpt_g);
-    for (int64_t i = 0; i < n; ++i) d += weighted(::expf(lb[i]), lb[i] - log_pt(x[i] * st_over_t));
+    for (int64_t i = 0; i < n; ++i) d += weighted(ps_of(i), lb[i] - log_pt(x[i] * st_over_t));
     for (int64_t i = 0; i < n; ++i) {
-      x[i] = weighted(::expf(lb[i]), (lb[i] - log_pt(x[i] * st_over_t)) - d);
+      x[i] = weighted(ps_of(i), (lb[i] - log_pt(x[i] * st_over_t)) - d);
     }
     return SparseRow{d, tail_live ? (log_tail - lpt_g) - d : 0.f};
   }
   // JSD: m_j = beta P_j + (1 - beta) b_j per bucket.
-  const auto log_m = [&](float lpt, float lps) {
-    return kd_log_prob(q * ::expf(lpt) + q1 * ::expf(lps));
+  const auto gaps = [&](float lpt, float lps) {
+    return mix_gaps(::expf(lps), ::expf(lpt), lpt - lps, p);
   };
-  const float lm_g = log_m(lpt_g, log_tail);
-  float kl_tm = prob_weighted(pt_g, lpt_g - lm_g);
-  float kl_sm = prob_weighted(ps_g, log_tail - lm_g);
+  const MixGaps gap_g = gaps(lpt_g, log_tail);
+  float kl_tm = prob_weighted(pt_g, gap_g.dt);
+  float kl_sm = prob_weighted(ps_g, gap_g.ds);
   for (int64_t i = 0; i < n; ++i) {
     const float lpt = log_pt(x[i] * st_over_t);
-    const float lm = log_m(lpt, lb[i]);
-    kl_tm += prob_weighted(::expf(lpt), lpt - lm);
-    kl_sm += prob_weighted(::expf(lb[i]), lb[i] - lm);
+    const MixGaps gap = gaps(lpt, lb[i]);
+    kl_tm += prob_weighted(::expf(lpt), gap.dt);
+    kl_sm += prob_weighted(ps_of(i), gap.ds);
   }
   for (int64_t i = 0; i < n; ++i) {
-    const float lm = log_m(log_pt(x[i] * st_over_t), lb[i]);
-    x[i] = q1 * prob_weighted(::expf(lb[i]), (lb[i] - lm) - kl_sm);
+    const MixGaps gap = gaps(log_pt(x[i] * st_over_t), lb[i]);
+    x[i] = q1 * prob_weighted(ps_of(i), gap.ds - kl_sm);
   }
-  const float tail_coef = ps_g >= FLT_MIN ? q1 * ((log_tail - lm_g) - kl_sm) : 0.f;
+  const float tail_coef = ps_g >= FLT_MIN ? q1 * (gap_g.ds - kl_sm) : 0.f;
   return SparseRow{q * kl_tm + q1 * kl_sm, tail_coef};
 }
 
 // ---------------------------------------------------------------------------
-// Vocab-parallel rows (DESIGN.md section 7): each of W ranks holds a contiguous
+// Vocab-parallel rows (docs/design.md, "Vocab-parallel"): each of W ranks holds a contiguous
 // shard of every row. A rank's statistics phase reduces its shard to a
 // ShardStats; the ranks exchange those (the only data that crosses), and each
 // merges all W in rank order (the same bits everywhere), finishes the row's

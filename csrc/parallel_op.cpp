@@ -5,9 +5,7 @@
 namespace kdfused {
 
 DistillProblem prepare_shard(KDFUSED_PHASE_ARGS, c10::DeviceType kernel_device) {
-  DistillProblem prob =
-      prepare_problem(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
-                      ignore_index, scale_by_t2, kernel_device, label_smoothing);
+  DistillProblem prob = prepare_problem(KDFUSED_KERNEL_NAMES, kernel_device, label_smoothing);
   TORCH_CHECK_VALUE(column_offset >= 0 && prob.v <= vocab - column_offset, "kdfused: a shard of ",
                     text(prob.v), " columns at offset ", text(column_offset),
                     " does not fit a vocabulary of ", text(vocab));
@@ -57,10 +55,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_merge_cpu(KDFUSED_MERGE_A
   at::Tensor consts = at::empty({n, 11}, opts);
   at::Tensor hard = at::empty({n}, opts);
   at::Tensor soft = at::empty({n}, opts);
-  const at::Tensor y = labels ? labels->contiguous() : at::Tensor();
-  const int64_t* yp = labels ? y.const_data_ptr<int64_t>() : nullptr;
+  const ContiguousLabels y(labels);
   for (int64_t i = 0; i < n; ++i) {
-    merge_row(i, n, w, shard_stats.const_data_ptr<float>(), yp, p, label_smoothing,
+    merge_row(i, n, w, shard_stats.const_data_ptr<float>(), y.data(), p, label_smoothing,
               consts.data_ptr<float>(), hard.data_ptr<float>(), soft.data_ptr<float>());
   }
   return {consts, hard, soft};
@@ -76,10 +73,9 @@ std::tuple<at::Tensor, at::Tensor> distill_jsd_finish_cpu(KDFUSED_JSD_FINISH_ARG
                                    scale_by_t2, labels.has_value(), 0.0, 1);
   at::Tensor out = consts.clone(at::MemoryFormat::Contiguous);
   at::Tensor soft = at::empty({n}, consts.options());
-  const at::Tensor y = labels ? labels->contiguous() : at::Tensor();
-  const int64_t* yp = labels ? y.const_data_ptr<int64_t>() : nullptr;
+  const ContiguousLabels y(labels);
   for (int64_t i = 0; i < n; ++i) {
-    jsd_finish_row(i, n, w, shard_sums.const_data_ptr<float>(), yp, p, out.data_ptr<float>(),
+    jsd_finish_row(i, n, w, shard_sums.const_data_ptr<float>(), y.data(), p, out.data_ptr<float>(),
                    soft.data_ptr<float>());
   }
   return {out, soft};

@@ -1,4 +1,4 @@
-// The vocab-parallel ops (DESIGN.md section 7): the fused kernel split into a
+// The vocab-parallel ops (docs/design.md, "Vocab-parallel"): the fused kernel split into a
 // statistics phase, whose per-row results the ranks exchange, a merge, JSD's
 // second sums (and their merge), and a gradient phase that takes the merged
 // row constants. Each rank runs the phases on its shard [column_offset,
@@ -41,6 +41,8 @@ constexpr const char* kDistillJsdFinishSchema =
 
 #define KDFUSED_PHASE_ARGS \
   KDFUSED_KERNEL_ARGS, double label_smoothing, int64_t column_offset, int64_t vocab
+// Their names, to pass them on.
+#define KDFUSED_PHASE_NAMES KDFUSED_KERNEL_NAMES, label_smoothing, column_offset, vocab
 
 // A shard's problem: prepare_problem's checks, the shard within [0, vocab),
 // label smoothing's eps / V over the whole vocabulary; labels are checked
@@ -64,6 +66,17 @@ at::Tensor distill_grad_cuda(KDFUSED_PHASE_ARGS, const at::Tensor& consts);
 #define KDFUSED_JSD_FINISH_ARGS                                                                   \
   const at::Tensor &consts, const at::Tensor &shard_sums, const std::optional<at::Tensor>&labels, \
       double temperature, double beta, int64_t ignore_index, bool scale_by_t2
+
+// Optional [N] int64 labels made contiguous for a merge, and their data
+// (nullptr without labels).
+struct ContiguousLabels {
+  explicit ContiguousLabels(const std::optional<at::Tensor>& labels)
+      : tensor(labels ? labels->contiguous() : at::Tensor()) {}
+  const int64_t* data() const {
+    return tensor.defined() ? tensor.const_data_ptr<int64_t>() : nullptr;
+  }
+  at::Tensor tensor;
+};
 
 // The merges' LossParams (label smoothing's eps / V is set per row by merge_row).
 LossParams merge_params(KDFUSED_MERGE_ARGS);

@@ -8,6 +8,7 @@
 #include "distill_op.h"
 #include "parallel_op.h"
 #include "sparse_op.h"
+#include "sparse_shard_op.h"
 
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
@@ -28,6 +29,9 @@ TORCH_LIBRARY(kdfused, m) {
   m.def(kdfused::kDistillGradSchema, {at::Tag::pt2_compliant_tag});
   m.def(kdfused::kDistillMergeSchema, {at::Tag::pt2_compliant_tag});
   m.def(kdfused::kDistillJsdFinishSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kSparseShardStatsSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kSparseShardMergeSchema, {at::Tag::pt2_compliant_tag});
+  m.def(kdfused::kSparseShardGradSchema, {at::Tag::pt2_compliant_tag});
   // Which instruction set the CPU kernel uses in this process.
   m.def("cpu_capability() -> str", &kdfused::cpu_capability);
   m.def("build_config() -> str", &kdfused::build_config);
@@ -53,6 +57,9 @@ TORCH_LIBRARY_IMPL(kdfused, CPU, m) {
   m.impl("distill_grad", &kdfused::distill_grad_cpu);
   m.impl("distill_merge", &kdfused::distill_merge_cpu);
   m.impl("distill_jsd_finish", &kdfused::distill_jsd_finish_cpu);
+  m.impl("sparse_shard_stats", &kdfused::sparse_shard_stats_cpu);
+  m.impl("sparse_shard_merge", &kdfused::sparse_shard_merge_cpu);
+  m.impl("sparse_shard_grad", &kdfused::sparse_shard_grad_cpu);
 }
 
 #ifdef KDFUSED_WITH_CUDA  // defined by setup.py when it compiles csrc/cuda/
@@ -67,5 +74,8 @@ TORCH_LIBRARY_IMPL(kdfused, CUDA, m) {
   m.impl("distill_grad", &kdfused::distill_grad_cuda);
   m.impl("distill_merge", &kdfused::distill_merge_cuda);
   m.impl("distill_jsd_finish", &kdfused::distill_jsd_finish_cuda);
+  m.impl("sparse_shard_stats", &kdfused::sparse_shard_stats_cuda);
+  m.impl("sparse_shard_merge", &kdfused::sparse_shard_merge_cuda);
+  m.impl("sparse_shard_grad", &kdfused::sparse_shard_grad_cuda);
 }
 #endif

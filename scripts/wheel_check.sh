@@ -75,6 +75,9 @@ if os.environ.get("KDFUSED_EXPECT_CUDA") == "1":
         "kdfused::distill_stats",
         "kdfused::distill_grad",
         "kdfused::distill_merge",
+        "kdfused::sparse_shard_stats",
+        "kdfused::sparse_shard_merge",
+        "kdfused::sparse_shard_grad",
     ]:
         for key in ("CPU", "CUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), f"{name}: no {key}"

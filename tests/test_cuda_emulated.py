@@ -11,10 +11,12 @@ import pathlib
 import pytest
 import torch
 from hypothesis import given, settings
-from oracle import check_against_oracle, make_labels, make_logits, run_loss
+from oracle import assert_2x_of_torch, check_against_oracle, make_labels, make_logits, run_loss
 from test_property import problems
-from test_sparse import check_sparse, make_teacher
+from test_sparse import _log_prob_size as sparse_log_prob_size
+from test_sparse import check_sparse, make_teacher, run_sparse, run_sparse_reference
 from test_sparse import test_fused_linear_sparse_teacher as sparse_linear_case
+from test_sparse import test_student_rows_off_a_pack_boundary as sparse_off_pack_case
 
 import kdfused
 from kdfused import SparseTeacher, ops
@@ -34,9 +36,11 @@ def _emulated_op():
             str(ROOT / "tests/emulator/distill_emulated.cpp"),
             str(ROOT / "tests/emulator/sparse_emulated.cpp"),
             str(ROOT / "tests/emulator/parallel_emulated.cpp"),
+            str(ROOT / "tests/emulator/sparse_shard_emulated.cpp"),
             str(ROOT / "csrc/distill_op.cpp"),
             str(ROOT / "csrc/sparse_op.cpp"),
             str(ROOT / "csrc/parallel_op.cpp"),
+            str(ROOT / "csrc/sparse_shard_op.cpp"),
         ],
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests/emulator")],
         extra_cflags=["-O2", "-std=c++20"],
@@ -55,26 +59,60 @@ def _route_to_emulator(patch):
     op = _emulated_op()
     out_op = torch.ops.kdfused_emulated.distill_forward_out.default
 
-    def forward(s, t, y, scale, *, compute_grad, label_smoothing=0.0, **options):
+    def forward(
+        s, t, y, scale, *, compute_grad, label_smoothing=0.0, student_entropy=False, **options
+    ):
         loss = (options[k] for k in LOSS_ORDER)
-        return op(s, t, y, scale, *loss, compute_grad, label_smoothing=label_smoothing)
+        out = op(
+            s,
+            t,
+            y,
+            scale,
+            *loss,
+            compute_grad,
+            label_smoothing=label_smoothing,
+            student_entropy=student_entropy,
+        )
+        return ops._entropy_last(out, student_entropy)
 
-    def forward_out(s, t, y, scale, grad, *, label_smoothing=0.0, **options):
+    def forward_out(s, t, y, scale, grad, *, label_smoothing=0.0, student_entropy=False, **options):
         loss = (options[k] for k in LOSS_ORDER)
-        return out_op(s, t, y, scale, *loss, grad, label_smoothing=label_smoothing)
+        out = out_op(
+            s,
+            t,
+            y,
+            scale,
+            *loss,
+            grad,
+            label_smoothing=label_smoothing,
+            student_entropy=student_entropy,
+        )
+        return ops._entropy_last(out, student_entropy)
 
     patch.setattr(ops, "distill_forward", forward)
     patch.setattr(ops, "distill_forward_out", forward_out)
     emulated_ops = torch.ops.kdfused_emulated
 
-    def sparse_forward(s, i, lp, y, scale, *, compute_grad, label_smoothing=0.0, **options):
+    def sparse_forward(
+        s, i, lp, y, scale, *, compute_grad, label_smoothing=0.0, offsets=None, **options
+    ):
         return emulated_ops.sparse_distill_forward.default(
-            s, i, lp, y, scale, *ops._sparse_scalars(**options), compute_grad, label_smoothing
+            s,
+            i,
+            lp,
+            y,
+            scale,
+            *ops._sparse_scalars(**options),
+            compute_grad,
+            label_smoothing,
+            offsets,
         )
 
-    def sparse_forward_out(s, i, lp, y, scale, grad, *, label_smoothing=0.0, **options):
+    def sparse_forward_out(
+        s, i, lp, y, scale, grad, *, label_smoothing=0.0, offsets=None, **options
+    ):
         return emulated_ops.sparse_distill_forward_out.default(
-            s, i, lp, y, scale, *ops._sparse_scalars(**options), grad, label_smoothing
+            s, i, lp, y, scale, *ops._sparse_scalars(**options), grad, label_smoothing, offsets
         )
 
     patch.setattr(ops, "sparse_distill_forward", sparse_forward)
@@ -188,8 +226,9 @@ def test_no_labels_and_no_grad(emulated):
     s = make_logits((5, 777), seed=88)
     t = make_logits((5, 777), seed=89)
     check_against_oracle(s, t, None, alpha=0.0, divergence="reverse_kl")
-    hard, soft, grad = emulated(s, t, None, None, 2.0, 0.0, "jsd", 0.5, -100, True, False)
+    hard, soft, grad, entropy = emulated(s, t, None, None, 2.0, 0.0, "jsd", 0.5, -100, True, False)
     assert grad.numel() == 0 and torch.all(hard == 0) and torch.all(soft > 0)
+    assert entropy.numel() == 0  # not asked for
 
 
 def test_matches_cpu_kernel_closely(emulated):
@@ -335,6 +374,44 @@ def test_truncated_teacher_and_num_items(emulated, divergence):
     )
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("parts", ["1", "3"])
+def test_student_entropy(emulated, monkeypatch, divergence, dtype, parts):
+    """The student entropy's sum in the CUDA kernel's pass 1: each thread's
+    moved to the row's max, reduced over the block and, split, the cluster;
+    a masked prefix (threads whose anchors start at -inf), a maximum rising
+    all along the row, an ignored row; with and without a gradient."""
+    from test_entropy import check_entropy
+
+    monkeypatch.setenv("KDFUSED_CUDA_SPLIT", parts)
+    s = make_logits((5, 4099), dtype, seed=160)
+    t = make_logits((5, 4099), torch.float32, seed=161)
+    s[0, :2100] = -torch.inf
+    s[1] = torch.linspace(-20, 20, 4099).to(dtype)
+    y = torch.tensor([3, 4000, -100, 7, 9])
+    check_entropy(s, t, y, divergence=divergence, reduction="none")
+    check_entropy(s, t, y, grad=False, divergence=divergence, alpha=0.3, label_smoothing=0.1)
+
+
+def test_student_entropy_matches_cpu_kernel_and_fused_linear(emulated):
+    """The CUDA kernel's entropy rows equal the CPU kernel's up to float32
+    rounding; through the fused-linear loss's reused buffer
+    (distill_forward_out), against the float64 reference."""
+    from test_entropy import check_linear_entropy
+    from test_fused_linear import make_problem
+
+    s = make_logits((4, 32000), seed=162)
+    t = make_logits((4, 32000), seed=163)
+    y = make_labels((4,), 32000, "some")
+    args = (s, t, y, None, 2.0, 0.5, "reverse_kl", 0.5, -100, True, True)
+    got = emulated(*args, student_entropy=True)
+    cpu = torch.ops.kdfused.distill_forward.default(*args, student_entropy=True)
+    torch.testing.assert_close(got[3], cpu[3], rtol=1e-5, atol=1e-6)
+    student, teacher, labels = make_problem(student_bias=True, seed=15)
+    check_linear_entropy(student, teacher, labels, divergence="jsd", chunk_size=16)
+
+
 # ---- the sparse teacher's kernels (csrc/cuda/sparse_kernel.cuh) ----------------
 
 
@@ -350,6 +427,13 @@ def test_sparse_loss(emulated, dtype, divergence, vocab):
     y[3] = int(teacher.indices[3, 1])  # a label among the kept ids
     check_sparse(s, teacher, y, divergence=divergence, temperature=2.0, label_smoothing=0.1)
     check_sparse(s, teacher, None, alpha=0.0, divergence=divergence, temperature=1.0)
+
+
+@pytest.mark.parametrize("offset", [1, 3])
+def test_sparse_student_rows_off_a_pack_boundary(emulated, offset):
+    """The kernel's gradient stores where the student's rows and the
+    gradient's sit at different alignments (single stores, not packs)."""
+    sparse_off_pack_case("cpu", offset)
 
 
 def test_sparse_renormalize_and_k_equal_vocab(emulated):
@@ -372,6 +456,39 @@ def test_sparse_bad_indices_assert(emulated, capfd, bad):
     assert "indices[2, 3]" in printed and ("distinct" in printed or "outside" in printed)
 
 
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32, torch.uint16])
+@pytest.mark.parametrize("lp_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tail,divergence", [("ghost", "jsd"), ("renormalize", "forward_kl")])
+def test_sparse_ragged_rows(emulated, id_dtype, lp_dtype, tail, divergence):
+    """Ragged rows (lengths 0 .. 9, ids and log-probs in their own dtypes) read
+    by the CUDA kernel: the padded rows' numbers bit for bit, and the float64
+    reference; a bad entry is named by its row."""
+    s = make_logits((6, 2053), torch.bfloat16, seed=164)
+    padded, _ = make_teacher((6,), 2053, 9, tail=tail, pad_rows=(0, 2, 4))
+    padded = SparseTeacher(padded.indices, padded.logprobs.to(lp_dtype), tail, 1.0)
+    ragged = padded.compact()
+    ragged = SparseTeacher(
+        ragged.indices.to(id_dtype), ragged.logprobs, tail, 1.0, offsets=ragged.offsets
+    )
+    y = make_labels((6,), 2053, "some")
+    a = run_sparse(s, ragged, y, divergence=divergence, temperature=2.0)
+    b = check_sparse(s, padded, y, divergence=divergence, temperature=2.0)
+    assert torch.equal(a[0].loss, b[0].loss) and torch.equal(a[1], b[1])
+
+
+def test_sparse_ragged_bad_entry_assert(emulated, capfd):
+    s = make_logits((3, 70), seed=165)
+    padded, _ = make_teacher((3,), 70, 4, pad_rows=(1,))
+    ragged = padded.compact()  # rows keep 4, 1, 4 ids
+    ids = ragged.indices.clone()
+    ids[7] = ids[5]
+    teacher = SparseTeacher(ids, ragged.logprobs, offsets=ragged.offsets)
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        kdfused.fused_distill_loss(s, teacher, None, alpha=0.0)
+    printed = capfd.readouterr().out
+    assert "indices[7] (row 2, entry 2)" in printed and "distinct" in printed
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 16, 300])
 def test_sparse_topk(emulated, dtype, k):
@@ -388,14 +505,17 @@ def test_sparse_topk(emulated, dtype, k):
     torch.testing.assert_close(got.logprobs.double(), values[:, :k], rtol=1e-6, atol=1e-6)
 
 
-def test_sparse_topk_nan_rows_pad(emulated):
-    """A row with fewer than k numbers (the rest NaN): NaN is never chosen; the
-    slots left are padding (-1)."""
-    t = torch.full((1, 40), float("nan"))
+def test_sparse_topk_nan_rows(emulated):
+    """A row with fewer than k numbers (the rest NaN): the numbers first, then
+    the NaN ids lowest first; a row with a NaN has NaN log-probs."""
+    t = torch.full((3, 40), float("nan"))
     t[0, 3] = 1.0
     t[0, 7] = 2.0
+    t[2] = torch.arange(40.0)
+    t[2, 20] = float("nan")
     got = kdfused.sparse.topk(t, 4)
-    assert got.indices.tolist() == [[7, 3, -1, -1]]
+    assert got.indices.tolist() == [[7, 3, 0, 1], [0, 1, 2, 3], [39, 38, 37, 36]]
+    assert torch.isnan(got.logprobs).all()
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
@@ -444,10 +564,111 @@ def check_phases(phase_ops, device, divergence, dtype, widths):
         consts, soft = torch.ops.kdfused.distill_jsd_finish(consts, sums, y, 2.0, 0.3, -100, True)
     scale = torch.tensor(0.25, device=device)
     grads = [phase_ops.distill_grad(a, b, y, scale, *opts, o, vocab, consts) for a, b, o in parts]
-    want_hard, want_soft, want_grad = torch.ops.kdfused.distill_forward(
+    want_hard, want_soft, want_grad, _ = torch.ops.kdfused.distill_forward(
         s.cpu(), t.cpu(), y.cpu(), scale.cpu(), *opts[:6], True, 0.1
     )
     torch.testing.assert_close(hard.cpu(), want_hard, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(soft.cpu(), want_soft, rtol=1e-4, atol=1e-5)
     tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=0.02, atol=1e-6)
     torch.testing.assert_close(torch.cat(grads, 1).float().cpu(), want_grad.float(), **tol)
+
+
+# ---- the sparse teacher's vocab-parallel phases (csrc/cuda/sparse_shard_kernel.cuh) ----
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("widths", [(1000, 1003), (17, 600, 1386)])
+def test_sparse_vocab_parallel_phases(emulated, divergence, dtype, widths):
+    """The CUDA sparse statistics, merge and gradient kernels on shards of a
+    row, merged as the ranks would (in one process): the whole row's loss and
+    each shard's gradient of the single-process sparse kernel."""
+    _emulated_op()
+    check_sparse_phases(torch.ops.kdfused_emulated, "cpu", divergence, dtype, widths)
+
+
+def test_sparse_phases_renormalize_and_bad_input(emulated, capfd):
+    """A renormalized tail through the emulated kernels, and the merge's
+    device-side asserts on a kept id outside the vocabulary, a repeated one and
+    a bad label."""
+    _emulated_op()
+    phase_ops = torch.ops.kdfused_emulated
+    check_sparse_phases(phase_ops, "cpu", "forward_kl", torch.float32, (40, 300), "renormalize")
+    teacher, _ = make_teacher((3,), 70, 4)
+    s = make_logits((3, 70), seed=175)
+    opts = (2.0, 1.0, "ghost", 0.0, "forward_kl", 0.5, -100, True, 0.0)
+    for bad in (70, "repeat", "label"):
+        ids = teacher.indices.clone()
+        y = torch.tensor([1, 2, 3])
+        if bad == "label":
+            y[2] = 70
+        else:
+            ids[2, 3] = ids[2, 1] if bad == "repeat" else bad
+        parts = [(s[:, :30], 0), (s[:, 30:], 30)]
+        stats = torch.stack(
+            [
+                phase_ops.sparse_shard_stats(a, ids, teacher.logprobs, None, None, *opts, o, 70)
+                for a, o in parts
+            ]
+        )
+        with pytest.raises(RuntimeError, match="device-side assert"):
+            phase_ops.sparse_shard_merge(stats, ids, teacher.logprobs, y, *opts)
+        printed = capfd.readouterr().out
+        want = "labels[2] = 70" if bad == "label" else "indices[2, 3]"
+        assert want in printed, printed
+
+
+def check_sparse_phases(phase_ops, device, divergence, dtype, widths, tail="ghost"):
+    """The sparse phase ops of phase_ops (torch.ops.kdfused, or the
+    emulator's) on shards of each row, merged in one process, against the
+    single-process sparse kernel (float32: closely) and the float64 reference
+    (16-bit: flash-attention's 2x rule)."""
+    vocab = sum(widths)
+    n, k = 7, 17
+    s = make_logits((n, vocab), dtype, device, seed=172)
+    teacher, _ = make_teacher(
+        (n,), vocab, k, store_temperature=1.5, tail=tail, device=device, pad_rows=(0, 2)
+    )
+    idx, lp = teacher.indices, teacher.logprobs
+    y = make_labels((n,), vocab, "some", device=device)
+    y[1] = widths[0] + 3  # a label on a later shard
+    y[4] = int(idx[4, 5])  # a label among the kept ids
+    options = dict(temperature=2.0, alpha=0.4, divergence=divergence, beta=0.3, label_smoothing=0.1)
+    sparse = (2.0, 1.5, tail, 0.4, divergence, 0.3, -100, True)
+    offsets = [sum(widths[:r]) for r in range(len(widths))]
+    parts = [(s[:, o : o + w], o) for o, w in zip(offsets, widths, strict=True)]
+    stats = torch.stack(
+        [
+            phase_ops.sparse_shard_stats(a, idx, lp, y, None, *sparse, 0.1, o, vocab)
+            for a, o in parts
+        ]
+    )
+    assert stats.shape == (len(widths), n, ops.SPARSE_STATS + k)
+    merged, hard, soft = phase_ops.sparse_shard_merge(stats, idx, lp, y, *sparse, 0.1)
+    assert merged.shape == (n, ops.SPARSE_CONSTS + k)
+    scale = torch.tensor(0.25, device=device)
+    grads = [
+        phase_ops.sparse_shard_grad(a, idx, lp, y, scale, *sparse, 0.1, o, vocab, merged)
+        for a, o in parts
+    ]
+    grad = torch.cat(grads, 1)
+    assert grad.dtype == dtype and grad.shape == s.shape
+    ignored = y == -100
+    assert torch.all(hard[ignored] == 0) and torch.all(soft[ignored] == 0)
+    assert torch.all(grad[ignored] == 0)
+    if dtype == torch.float32:
+        want_hard, want_soft, want_grad = torch.ops.kdfused.sparse_distill_forward(
+            s.cpu(), idx.cpu(), lp.cpu(), y.cpu(), scale.cpu(), *sparse, True, 0.1
+        )
+        torch.testing.assert_close(hard.cpu(), want_hard, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(soft.cpu(), want_soft, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.cpu(), want_grad, rtol=1e-5, atol=1e-7)
+        return
+    up = torch.full((n,), 0.25)
+    row_opts = dict(options, reduction="none")
+    pt, pt_grad = run_sparse_reference(s, teacher, y, up, **row_opts)
+    ref, ref_grad = run_sparse_reference(s, teacher, y, up, torch.float64, **row_opts)
+    size = sparse_log_prob_size(s, teacher, y, **row_opts)
+    assert_2x_of_torch("hard", hard, pt.hard_loss, ref.hard_loss, size)
+    assert_2x_of_torch("soft", soft, pt.soft_loss, ref.soft_loss, size)
+    assert_2x_of_torch("grad", grad, pt_grad, ref_grad)

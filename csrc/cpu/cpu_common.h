@@ -90,8 +90,22 @@ inline void baseline_store_f16(uint16_t* out, const float* x, int64_t len) {
   for (int64_t k = 0; k < len; ++k) out[k] = c10::detail::fp16_ieee_from_fp32_value(x[k]);
 }
 
+// The bfloat16 pair of one instruction set's table (NAME: baseline or avx2),
+// load_bf16 and store_bf16 compiled for its target.
+#define KDFUSED_BF16_CONVERSIONS(NAME, ...)                                               \
+  __VA_ARGS__ inline void NAME##_load_bf16(float* out, const uint16_t* x, int64_t len) {  \
+    load_bf16(out, x, len);                                                               \
+  }                                                                                       \
+  __VA_ARGS__ inline void NAME##_store_bf16(uint16_t* out, const float* x, int64_t len) { \
+    store_bf16(out, x, len);                                                              \
+  }
+
+KDFUSED_BF16_CONVERSIONS(baseline)
+
 #if defined(__x86_64__)
 #define KDFUSED_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+KDFUSED_BF16_CONVERSIONS(avx2, KDFUSED_AVX2)
 
 KDFUSED_AVX2 inline void avx2_load_f16(float* out, const uint16_t* x, int64_t len) {
   int64_t k = 0;
@@ -177,6 +191,21 @@ inline int grad_variant(const LossParams& p) {
     return 2 * V::kHasHard + V::kHasSoft + smoothed;
   });
 }
+
+// A table of FN's instantiations indexed by grad_variant(): FN<LEAD kHard,
+// kSoft, kQ, kSmooth> for the variants 0 to kGradVariants - 1, where LEAD is
+// the template arguments before those (none, or e.g. "D," for a divergence).
+#define KDFUSED_GRAD_VARIANTS(FN, ...)                   \
+  {FN<__VA_ARGS__ false, false, HardQ::kExp, false>,     \
+   FN<__VA_ARGS__ false, true, HardQ::kExp, false>,      \
+   FN<__VA_ARGS__ true, false, HardQ::kExp, false>,      \
+   FN<__VA_ARGS__ true, true, HardQ::kExp, false>,       \
+   FN<__VA_ARGS__ true, true, HardQ::kPs, false>,        \
+   FN<__VA_ARGS__ true, true, HardQ::kPsSquared, false>, \
+   FN<__VA_ARGS__ true, false, HardQ::kExp, true>,       \
+   FN<__VA_ARGS__ true, true, HardQ::kExp, true>,        \
+   FN<__VA_ARGS__ true, true, HardQ::kPs, true>,         \
+   FN<__VA_ARGS__ true, true, HardQ::kPsSquared, true>}
 
 // Whether a variant's hard term takes softmax(s) from the logits (2 * hard +
 // soft with hard set), rather than from p_s as kHardSoftT1 and T2 do.

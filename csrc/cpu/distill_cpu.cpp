@@ -51,18 +51,21 @@ KDFUSED_INLINE void chunk_max(const float* s, const float* t, int64_t len, float
 }
 
 // Adds a chunk to a state whose anchors already cover it, keeping the exps.
-// Only the weighted sum divergence kD reads is formed (sums_for).
-template <Divergence kD, Z1 kZ1, bool kFinite>
+// Only the weighted sum divergence kD reads is formed (sums_for); kEnt: also
+// the student entropy's sum hs (entropy_term), at the same anchor ms.
+template <Divergence kD, Z1 kZ1, bool kFinite, bool kEnt>
 KDFUSED_INLINE void add_chunk(RowStats& st, const float* KD_R s, const float* KD_R t, int64_t len,
-                              float inv_t, float* KD_R es, float* KD_R et) {
+                              float inv_t, float* KD_R es, float* KD_R et, float& hs_row) {
   constexpr WeightedSums kSums = sums_for(kD);
   const float ms = st.ms, mt = st.mt, ref = st.ref;
   float zs[kLanes] = {}, zt[kLanes] = {}, z1[kLanes] = {}, ws[kLanes] = {}, wt[kLanes] = {};
+  float hs[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= len; k += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const ScaledExps e = accumulate_terms<kSums.ws, kSums.wt>(
           s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l], zt[l], z1[l], ws[l], wt[l], kFinite);
+      if constexpr (kEnt) hs[l] += entropy_term(s[k + l], ms, e.es, kFinite);
       es[k + l] = e.es;
       et[k + l] = e.et;
     }
@@ -70,6 +73,7 @@ KDFUSED_INLINE void add_chunk(RowStats& st, const float* KD_R s, const float* KD
   for (int l = 0; k + l < len; ++l) {
     const ScaledExps e = accumulate_terms<kSums.ws, kSums.wt>(
         s[k + l], t[k + l], ms, mt, ref, inv_t, kZ1, zs[l], zt[l], z1[l], ws[l], wt[l], kFinite);
+    if constexpr (kEnt) hs[l] += entropy_term(s[k + l], ms, e.es, kFinite);
     es[k + l] = e.es;
     et[k + l] = e.et;
   }
@@ -79,15 +83,16 @@ KDFUSED_INLINE void add_chunk(RowStats& st, const float* KD_R s, const float* KD
   st.z1 += lane_sum(z1);
   st.ws += lane_sum(ws);
   st.wt += lane_sum(wt);
+  if constexpr (kEnt) hs_row += lane_sum(hs);
 }
 
 // Pass 1 for one chunk: raise the anchors, then add every element, keeping
 // each element's exp((s - ms) / T), exp((t - mt) / T) in es, et (for this
 // chunk's anchors; the later passes scale them to p_s, p_t instead of taking
 // more exps).
-template <Divergence kD, Z1 kZ1>
+template <Divergence kD, Z1 kZ1, bool kEnt>
 KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, int64_t len,
-                                float inv_t, float* es, float* et) {
+                                float inv_t, float* es, float* et, float& hs) {
   float cms, cmt;
   chunk_max(s, t, len, cms, cmt);
   float t_at = neg_inf();
@@ -99,12 +104,14 @@ KDFUSED_INLINE void stats_chunk(RowStats& st, const float* s, const float* t, in
       }
     }
   }
+  const float ms_old = st.ms, zs_old = st.zs;
   stats_raise(st, cms, cmt, t_at, inv_t);
+  if constexpr (kEnt) hs = entropy_moved(hs, zs_old, ms_old, st.ms, inv_t);
   // Finite anchors (every chunk after the first finite logits) skip below()'s selects.
   if (anchors_finite(st)) {
-    add_chunk<kD, kZ1, true>(st, s, t, len, inv_t, es, et);
+    add_chunk<kD, kZ1, true, kEnt>(st, s, t, len, inv_t, es, et, hs);
   } else {
-    add_chunk<kD, kZ1, false>(st, s, t, len, inv_t, es, et);
+    add_chunk<kD, kZ1, false, kEnt>(st, s, t, len, inv_t, es, et, hs);
   }
 }
 
@@ -120,7 +127,7 @@ KDFUSED_INLINE void jsd_lane(float s, float t, float ps, float pt, const RowCons
   jsd_accumulate(one, e);
   tm = one.kl_tm;
   sm = one.kl_sm;
-  d = e.lps - e.lm;
+  d = e.gap.ds;
 }
 
 // kLanes logits from x as floats: x itself, or bfloat16 widened into buf
@@ -217,7 +224,8 @@ KDFUSED_INLINE void jsd_sums_chunk(JsdSums& acc, const float* KD_R s, const floa
 // converted to float first, by the table's 16-bit loads, and gradients stored
 // by its 16-bit stores; only JSD's pass also reads bfloat16 logits in place
 // (jsd_bf16, for a student and teacher both bfloat16).
-using StatsFn = void (*)(RowStats&, const float*, const float*, int64_t, float, float*, float*);
+using StatsFn = void (*)(RowStats&, const float*, const float*, int64_t, float, float*, float*,
+                         float&);
 template <typename L>
 using JsdFn = void (*)(JsdSums&, const L*, const L*, const float*, float*, int64_t, ChunkScale,
                        const RowConsts&, const LossParams&);
@@ -229,7 +237,7 @@ using JsdSumsFn = void (*)(JsdSums&, const float*, const float*, int64_t, const 
                            const LossParams&);
 
 struct ChunkKernels {
-  StatsFn stats[3][3];  // [divergence][Z1 mode]
+  StatsFn stats[2][3][3];  // [student entropy][divergence][Z1 mode]
   JsdFn<float> jsd;
   JsdFn<uint16_t> jsd_bf16;                    // both models' logits bfloat16
   GradFn grad[3][kGradVariants];               // [divergence][grad_variant]
@@ -242,38 +250,20 @@ struct ChunkKernels {
   Store16Fn store_f16;
 };
 
-#define KDFUSED_STATS(NAME, D) \
-  {NAME##_stats<D, Z1::kNone>, NAME##_stats<D, Z1::kExp>, NAME##_stats<D, Z1::kSquare>}
+#define KDFUSED_STATS(NAME, D, E) \
+  {NAME##_stats<D, Z1::kNone, E>, NAME##_stats<D, Z1::kExp, E>, NAME##_stats<D, Z1::kSquare, E>}
+#define KDFUSED_STATS_ALL(NAME, E)                                                                 \
+  {KDFUSED_STATS(NAME, Divergence::kForwardKL, E), KDFUSED_STATS(NAME, Divergence::kReverseKL, E), \
+   KDFUSED_STATS(NAME, Divergence::kJSD, E)}
 
-#define KDFUSED_GRADS(NAME, D)                           \
-  {NAME##_grad<D, false, false, HardQ::kExp, false>,     \
-   NAME##_grad<D, false, true, HardQ::kExp, false>,      \
-   NAME##_grad<D, true, false, HardQ::kExp, false>,      \
-   NAME##_grad<D, true, true, HardQ::kExp, false>,       \
-   NAME##_grad<D, true, true, HardQ::kPs, false>,        \
-   NAME##_grad<D, true, true, HardQ::kPsSquared, false>, \
-   NAME##_grad<D, true, false, HardQ::kExp, true>,       \
-   NAME##_grad<D, true, true, HardQ::kExp, true>,        \
-   NAME##_grad<D, true, true, HardQ::kPs, true>,         \
-   NAME##_grad<D, true, true, HardQ::kPsSquared, true>}
-
-#define KDFUSED_GRAD_LOGITS(NAME, D)                            \
-  {NAME##_grad_logits<D, false, false, HardQ::kExp, false>,     \
-   NAME##_grad_logits<D, false, true, HardQ::kExp, false>,      \
-   NAME##_grad_logits<D, true, false, HardQ::kExp, false>,      \
-   NAME##_grad_logits<D, true, true, HardQ::kExp, false>,       \
-   NAME##_grad_logits<D, true, true, HardQ::kPs, false>,        \
-   NAME##_grad_logits<D, true, true, HardQ::kPsSquared, false>, \
-   NAME##_grad_logits<D, true, false, HardQ::kExp, true>,       \
-   NAME##_grad_logits<D, true, true, HardQ::kExp, true>,        \
-   NAME##_grad_logits<D, true, true, HardQ::kPs, true>,         \
-   NAME##_grad_logits<D, true, true, HardQ::kPsSquared, true>}
+#define KDFUSED_GRADS(NAME, D) KDFUSED_GRAD_VARIANTS(NAME##_grad, D, )
+#define KDFUSED_GRAD_LOGITS(NAME, D) KDFUSED_GRAD_VARIANTS(NAME##_grad_logits, D, )
 
 #define KDFUSED_CHUNK_KERNELS(NAME, ...)                                                         \
-  template <Divergence kD, Z1 kZ1>                                                               \
+  template <Divergence kD, Z1 kZ1, bool kEnt>                                                    \
   __VA_ARGS__ void NAME##_stats(RowStats& st, const float* s, const float* t, int64_t len,       \
-                                float inv_t, float* es, float* et) {                             \
-    stats_chunk<kD, kZ1>(st, s, t, len, inv_t, es, et);                                          \
+                                float inv_t, float* es, float* et, float& hs) {                  \
+    stats_chunk<kD, kZ1, kEnt>(st, s, t, len, inv_t, es, et, hs);                                \
   }                                                                                              \
   template <typename L>                                                                          \
   __VA_ARGS__ void NAME##_jsd(JsdSums& acc, const L* s, const L* t, const float* es, float* et,  \
@@ -300,15 +290,8 @@ struct ChunkKernels {
                                    const RowConsts& c, const LossParams& p) {                    \
     jsd_sums_chunk(acc, s, t, len, c, p);                                                        \
   }                                                                                              \
-  __VA_ARGS__ void NAME##_store_bf16(uint16_t* out, const float* x, int64_t len) {               \
-    store_bf16(out, x, len);                                                                     \
-  }                                                                                              \
-  __VA_ARGS__ void NAME##_load_bf16(float* out, const uint16_t* x, int64_t len) {                \
-    load_bf16(out, x, len);                                                                      \
-  }                                                                                              \
   const ChunkKernels NAME##_kernels = {                                                          \
-      {KDFUSED_STATS(NAME, Divergence::kForwardKL), KDFUSED_STATS(NAME, Divergence::kReverseKL), \
-       KDFUSED_STATS(NAME, Divergence::kJSD)},                                                   \
+      {KDFUSED_STATS_ALL(NAME, false), KDFUSED_STATS_ALL(NAME, true)},                           \
       NAME##_jsd<float>,                                                                         \
       NAME##_jsd<uint16_t>,                                                                      \
       {KDFUSED_GRADS(NAME, Divergence::kForwardKL), KDFUSED_GRADS(NAME, Divergence::kReverseKL), \
@@ -341,6 +324,7 @@ struct RowsArgs {
   float* hard;
   float* soft;
   S* grad;
+  float* entropy;  // the student entropy rows, or nullptr: not asked for
 };
 
 // The rows [begin, end), fully: pass 1, JSD's pass, the losses and the
@@ -350,7 +334,8 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
   const LossParams& p = a.p;
   const int64_t v = a.v;
   const int64_t chunks = (v + kChunk - 1) / kChunk;
-  const StatsFn stats = kernels.stats[static_cast<int>(p.div)][static_cast<int>(z1_mode(p))];
+  const StatsFn stats =
+      kernels.stats[a.entropy != nullptr][static_cast<int>(p.div)][static_cast<int>(z1_mode(p))];
   const int variant = grad_variant(p);
   const GradFn grad = kernels.grad[static_cast<int>(p.div)][variant];
   // The gradient pass works from the kept exps; it reads the logits only for
@@ -376,6 +361,7 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
     if (a.y && label == p.ignore_index) {
       a.hard[i] = 0.f;
       a.soft[i] = 0.f;
+      if (a.entropy) a.entropy[i] = 0.f;
       if (g) std::fill(g, g + v, S(0));
       continue;
     }
@@ -383,13 +369,16 @@ void row_range(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t be
     const Tt* t = a.t + i * a.t_stride;
 
     RowStats st = stats_empty();
+    float hs = 0.f;  // the entropy's sum (only with a.entropy)
     for (int64_t j0 = 0, b = 0; j0 < v; j0 += kChunk, ++b) {
       const int64_t len = std::min(kChunk, v - j0);
       stats(st, as_float(s + j0, len, sbuf, kernels), as_float(t + j0, len, tbuf, kernels), len,
-            p.inv_t, es + j0, et + j0);
+            p.inv_t, es + j0, et + j0, hs);
       anchors[2 * b] = st.ms;
       anchors[2 * b + 1] = st.mt;
     }
+    // Before the gradient pass, which may overwrite the logits.
+    if (a.entropy) a.entropy[i] = row_entropy(hs, st.zs, p.inv_t);
     RowConsts c = row_consts(st, p);
     const float inv_zs = 1.f / st.zs;
     const float inv_zt = 1.f / st.zt;
@@ -463,8 +452,9 @@ template <typename S, typename Tt>
 void stats_rows(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t offset,
                 ShardStats* out, int64_t begin, int64_t end) {
   const LossParams& p = a.p;
-  const StatsFn stats = kernels.stats[static_cast<int>(p.div)][static_cast<int>(z1_mode(p))];
+  const StatsFn stats = kernels.stats[0][static_cast<int>(p.div)][static_cast<int>(z1_mode(p))];
   alignas(64) float sbuf[kChunk], tbuf[kChunk], es[kChunk], et[kChunk];
+  float unused_hs = 0.f;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t label = a.y ? a.y[i] : -1;
     ShardStats& o = out[i];
@@ -477,7 +467,7 @@ void stats_rows(const RowsArgs<S, Tt>& a, const ChunkKernels& kernels, int64_t o
     for (int64_t j0 = 0; j0 < a.v; j0 += kChunk) {
       const int64_t len = std::min(kChunk, a.v - j0);
       stats(o.st, as_float(s + j0, len, sbuf, kernels), as_float(t + j0, len, tbuf, kernels), len,
-            p.inv_t, es, et);
+            p.inv_t, es, et, unused_hs);
     }
     if (a.y && p.smoothing) {
       for (int64_t j0 = 0; j0 < a.v; j0 += kChunk) {
@@ -559,42 +549,46 @@ const ChunkKernels& chunk_kernels() {
 #endif
 }
 
-// Runs body(args) for the problem's dtypes, args a RowsArgs without outputs.
+// Runs rows(args, kernels, begin, end) over the rows [0, N) in parallel
+// tasks, args the problem's RowsArgs (for its dtypes) with the outputs hard,
+// soft, grad and entropy (nullptr: not written by this call).
 template <typename F>
-void with_rows_args(const DistillProblem& prob, float grad_scale, F&& body) {
-  KDFUSED_DISPATCH_LOGITS(prob.student.scalar_type(), "kdfused_phase_cpu", [&] {
-    using S = scalar_t;
-    KDFUSED_DISPATCH_LOGITS(prob.teacher.scalar_type(), "kdfused_phase_cpu", [&] {
-      using Tt = scalar_t;
-      const RowsArgs<S, Tt> args{prob.student.const_data_ptr<S>(),
-                                 prob.teacher.const_data_ptr<Tt>(),
-                                 prob.student.stride(0),
-                                 prob.teacher.stride(0),
-                                 prob.v,
-                                 prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr,
-                                 prob.params,
-                                 grad_scale,
-                                 nullptr,
-                                 nullptr,
-                                 nullptr};
-      body(args);
-    });
+void parallel_rows(const DistillProblem& prob, float* hard, float* soft, const at::Tensor* grad,
+                   F&& rows, float* entropy = nullptr) {
+  const ChunkKernels& kernels = chunk_kernels();
+  const float scale = prob.grad_scale ? prob.grad_scale->item<float>() : 1.f;
+  dispatch_pair(prob, [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using Tt = decltype(t_tag);
+    const RowsArgs<S, Tt> args{prob.student.const_data_ptr<S>(),
+                               prob.teacher.const_data_ptr<Tt>(),
+                               prob.student.stride(0),
+                               prob.teacher.stride(0),
+                               prob.v,
+                               prob.label_data(),
+                               prob.params,
+                               scale,
+                               hard,
+                               soft,
+                               grad ? grad->data_ptr<S>() : nullptr,
+                               entropy};
+    // Enough rows per task to amortise the scheduling for small V.
+    const int64_t grain = std::max<int64_t>(1, 16384 / prob.v);
+    at::parallel_for(0, prob.n, grain,
+                     [&](int64_t begin, int64_t end) { rows(args, kernels, begin, end); });
   });
 }
 
-int64_t grain_for(int64_t v) { return std::max<int64_t>(1, 16384 / v); }
-
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> distill_forward_inplace_cpu(KDFUSED_KERNEL_ARGS_MUTABLE,
-                                                               double label_smoothing) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_inplace_cpu(
+    KDFUSED_KERNEL_ARGS_MUTABLE, double label_smoothing, bool student_entropy) {
   TORCH_CHECK_VALUE(student.is_contiguous(),
                     "kdfused: distill_forward_inplace overwrites the student logits with their "
                     "gradient, so they must be contiguous, got ",
                     text(student), " with strides ", text(student.strides()));
-  auto result = distill_cpu(student, teacher, labels, grad_scale, temperature, alpha, divergence,
-                            beta, ignore_index, scale_by_t2, true, &student, label_smoothing);
-  return {std::get<0>(result), std::get<1>(result)};
+  auto result = distill_cpu(KDFUSED_KERNEL_NAMES, true, &student, label_smoothing, student_entropy);
+  return {std::get<0>(result), std::get<1>(result), std::get<3>(result)};
 }
 
 std::string cpu_capability() {
@@ -612,98 +606,58 @@ std::string cpu_capability() {
 #endif
 }
 
-DistillResult distill_cpu(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out,
-                          double label_smoothing) {
+DenseResult distill_cpu(KDFUSED_KERNEL_ARGS, bool compute_grad, const at::Tensor* grad_out,
+                        double label_smoothing, bool student_entropy) {
   const DistillProblem prob =
-      prepare_problem(student, teacher, labels, grad_scale, temperature, alpha, divergence, beta,
-                      ignore_index, scale_by_t2, c10::DeviceType::CPU, label_smoothing);
-  if (prob.labels) {
-    check_label_range(prob.labels->const_data_ptr<int64_t>(), prob.n, prob.v, ignore_index);
-  }
+      prepare_problem(KDFUSED_KERNEL_NAMES, c10::DeviceType::CPU, label_smoothing);
+  if (const int64_t* y = prob.label_data()) check_label_range(y, prob.n, prob.v, ignore_index);
   auto [hard, soft, grad] = allocate_outputs(prob, compute_grad, grad_out);
+  at::Tensor entropy = allocate_entropy(prob, student_entropy);
   // A buffer of the caller's is written before: its pages are there already.
   if (compute_grad && grad_out == nullptr) advise_huge_pages(grad.data_ptr(), grad.nbytes());
-  const float scale = grad_scale ? grad_scale->item<float>() : 1.f;
-  const bool avx2 = cpu_capability() == "avx2";
-
-  KDFUSED_DISPATCH_LOGITS(prob.student.scalar_type(), "kdfused_distill_cpu", [&] {
-    using S = scalar_t;
-    KDFUSED_DISPATCH_LOGITS(prob.teacher.scalar_type(), "kdfused_distill_cpu", [&] {
-      using Tt = scalar_t;
-      const RowsArgs<S, Tt> args{prob.student.const_data_ptr<S>(),
-                                 prob.teacher.const_data_ptr<Tt>(),
-                                 prob.student.stride(0),
-                                 prob.teacher.stride(0),
-                                 prob.v,
-                                 prob.labels ? prob.labels->const_data_ptr<int64_t>() : nullptr,
-                                 prob.params,
-                                 scale,
-                                 hard.data_ptr<float>(),
-                                 soft.data_ptr<float>(),
-                                 compute_grad ? grad.data_ptr<S>() : nullptr};
-#if defined(__x86_64__)
-      const ChunkKernels& kernels = avx2 ? avx2_kernels : baseline_kernels;
-#else
-      const ChunkKernels& kernels = baseline_kernels;
-#endif
-      // Enough rows per task to amortise the scheduling for small V.
-      const int64_t grain = std::max<int64_t>(1, 16384 / prob.v);
-      at::parallel_for(0, prob.n, grain,
-                       [&](int64_t begin, int64_t end) { row_range(args, kernels, begin, end); });
-    });
-  });
-  return {hard, soft, grad};
+  parallel_rows(
+      prob, hard.data_ptr<float>(), soft.data_ptr<float>(), compute_grad ? &grad : nullptr,
+      [](const auto& args, const ChunkKernels& kernels, int64_t begin, int64_t end) {
+        row_range(args, kernels, begin, end);
+      },
+      student_entropy ? entropy.data_ptr<float>() : nullptr);
+  return {hard, soft, grad, entropy};
 }
 
 at::Tensor distill_stats_cpu(KDFUSED_PHASE_ARGS) {
-  const DistillProblem prob = prepare_shard(
-      student, teacher, labels, grad_scale, temperature, alpha, divergence, beta, ignore_index,
-      scale_by_t2, label_smoothing, column_offset, vocab, c10::DeviceType::CPU);
-  if (prob.labels) {
-    check_label_range(prob.labels->const_data_ptr<int64_t>(), prob.n, vocab, ignore_index);
-  }
+  const DistillProblem prob = prepare_shard(KDFUSED_PHASE_NAMES, c10::DeviceType::CPU);
+  if (const int64_t* y = prob.label_data()) check_label_range(y, prob.n, vocab, ignore_index);
   at::Tensor out = at::empty({prob.n, 12}, prob.student.options().dtype(at::kFloat));
   auto* stats = reinterpret_cast<ShardStats*>(out.data_ptr<float>());
-  with_rows_args(prob, 1.f, [&](const auto& args) {
-    at::parallel_for(0, prob.n, grain_for(prob.v), [&](int64_t begin, int64_t end) {
-      stats_rows(args, chunk_kernels(), column_offset, stats, begin, end);
-    });
-  });
+  parallel_rows(prob, nullptr, nullptr, nullptr,
+                [&](const auto& args, const ChunkKernels& kernels, int64_t begin, int64_t end) {
+                  stats_rows(args, kernels, column_offset, stats, begin, end);
+                });
   return out;
 }
 
 at::Tensor distill_jsd_sums_cpu(KDFUSED_PHASE_ARGS, const at::Tensor& consts) {
-  const DistillProblem prob = prepare_shard(
-      student, teacher, labels, grad_scale, temperature, alpha, divergence, beta, ignore_index,
-      scale_by_t2, label_smoothing, column_offset, vocab, c10::DeviceType::CPU);
+  const DistillProblem prob = prepare_shard(KDFUSED_PHASE_NAMES, c10::DeviceType::CPU);
   check_consts(consts, prob);
   at::Tensor out = at::empty({prob.n, 2}, prob.student.options().dtype(at::kFloat));
   const auto* c = reinterpret_cast<const RowConsts*>(consts.const_data_ptr<float>());
-  with_rows_args(prob, 1.f, [&](const auto& args) {
-    at::parallel_for(0, prob.n, grain_for(prob.v), [&](int64_t begin, int64_t end) {
-      jsd_rows(args, chunk_kernels(), c, out.data_ptr<float>(), begin, end);
-    });
-  });
+  parallel_rows(prob, nullptr, nullptr, nullptr,
+                [&](const auto& args, const ChunkKernels& kernels, int64_t begin, int64_t end) {
+                  jsd_rows(args, kernels, c, out.data_ptr<float>(), begin, end);
+                });
   return out;
 }
 
 at::Tensor distill_grad_cpu(KDFUSED_PHASE_ARGS, const at::Tensor& consts) {
-  const DistillProblem prob = prepare_shard(
-      student, teacher, labels, grad_scale, temperature, alpha, divergence, beta, ignore_index,
-      scale_by_t2, label_smoothing, column_offset, vocab, c10::DeviceType::CPU);
+  const DistillProblem prob = prepare_shard(KDFUSED_PHASE_NAMES, c10::DeviceType::CPU);
   check_consts(consts, prob);
   at::Tensor grad = at::empty({prob.n, prob.v}, prob.student.options());
   advise_huge_pages(grad.data_ptr(), grad.nbytes());
   const auto* c = reinterpret_cast<const RowConsts*>(consts.const_data_ptr<float>());
-  const float scale = grad_scale ? grad_scale->item<float>() : 1.f;
-  with_rows_args(prob, scale, [&](const auto& args) {
-    using Args = std::decay_t<decltype(args)>;
-    Args with_grad = args;
-    with_grad.grad = reinterpret_cast<decltype(with_grad.grad)>(grad.data_ptr());
-    at::parallel_for(0, prob.n, grain_for(prob.v), [&](int64_t begin, int64_t end) {
-      grad_rows(with_grad, chunk_kernels(), c, column_offset, begin, end);
-    });
-  });
+  parallel_rows(prob, nullptr, nullptr, &grad,
+                [&](const auto& args, const ChunkKernels& kernels, int64_t begin, int64_t end) {
+                  grad_rows(args, kernels, c, column_offset, begin, end);
+                });
   return grad;
 }
 

@@ -286,22 +286,27 @@ __device__ T cluster_merge(T x, T* slot, unsigned parts, Merge merge) {
   return x;
 }
 
-// Pass 1 of this thread's elements of a row: their online-softmax state.
-template <typename S, typename Tt>
-__device__ RowStats thread_stats(const Row<S, Tt>& row, const LossParams& p) {
+// Pass 1 of this thread's elements of a row: their online-softmax state and,
+// with kEnt, the student entropy's sum hs (entropy_term) at the state's ms.
+template <bool kEnt, typename S, typename Tt>
+__device__ RowStats thread_stats(const Row<S, Tt>& row, const LossParams& p, float& hs) {
   RowStats st = stats_empty();
   with_divergence(p.div, [&](auto d) {
     // Only the weighted sum this divergence reads (sums_for).
     constexpr WeightedSums kSums = sums_for(decltype(d)::value);
     with_z1(z1_mode(p), [&](auto z1_how) {
       row.for_each([&](int64_t, const float* s, const float* t, auto n) {
+        [[maybe_unused]] const float ms_old = st.ms, zs_old = st.zs;  // read only with kEnt
         stats_raise(st, s, t, n, p.inv_t);
+        if constexpr (kEnt) hs = entropy_moved(hs, zs_old, ms_old, st.ms, p.inv_t);
         // Two loops, not one with a run-time flag: that one computed both forms.
         const auto add = [&](auto finite) {
 #pragma unroll
           for (int k = 0; k < n; ++k) {
-            accumulate_terms<kSums.ws, kSums.wt>(s[k], t[k], st.ms, st.mt, st.ref, p.inv_t, z1_how,
-                                                 st.zs, st.zt, st.z1, st.ws, st.wt, finite);
+            const ScaledExps e = accumulate_terms<kSums.ws, kSums.wt>(
+                s[k], t[k], st.ms, st.mt, st.ref, p.inv_t, z1_how, st.zs, st.zt, st.z1, st.ws,
+                st.wt, finite);
+            if constexpr (kEnt) hs += entropy_term(s[k], st.ms, e.es, finite);
           }
         };
         if (anchors_finite(st)) {
@@ -313,6 +318,13 @@ __device__ RowStats thread_stats(const Row<S, Tt>& row, const LossParams& p) {
     });
   });
   return st;
+}
+
+// The state alone (the vocab-parallel statistics phase's).
+template <typename S, typename Tt>
+__device__ RowStats thread_stats(const Row<S, Tt>& row, const LossParams& p) {
+  float unused = 0.f;
+  return thread_stats<false>(row, p, unused);
 }
 
 // Label smoothing's row sum over this thread's elements: sum (s - ms).
@@ -344,13 +356,18 @@ __device__ float thread_sum_below(const Row<S, Tt>& row, float ms) {
 // Blocks of kSplitThreads, four per multiprocessor (64 registers: at 40 the
 // merges made ptxas spill inside the pack loops). Not measured on a GPU yet,
 // so not the default.
-template <typename S, typename Tt, bool kSplit = false>
+//
+// kEntropy: also entropy[i] = H(softmax(s_i / T)), from a sum pass 1 keeps
+// beside its state; each thread moves its sum to the row's max once the
+// statistics are merged, and one more float is reduced. Without it (the
+// default) the kernel is the one it was.
+template <typename S, typename Tt, bool kSplit = false, bool kEntropy = false>
 __global__ void __launch_bounds__(kSplit ? kSplitThreads : kMaxThreads, kSplit ? 4 : 3)
     distill_rows_kernel(const S* __restrict__ student, const Tt* __restrict__ teacher,
                         int64_t s_stride, int64_t t_stride, const int64_t* __restrict__ labels,
                         const float* __restrict__ grad_scale, float* __restrict__ hard,
-                        float* __restrict__ soft, S* __restrict__ grad, int64_t v,
-                        const LossParams p) {
+                        float* __restrict__ soft, S* __restrict__ grad, float* __restrict__ entropy,
+                        int64_t v, const LossParams p) {
   KDFUSED_BLOCK_SHARED(BlockShared, sh);
   const unsigned parts = row_parts<kSplit>();
   const int64_t i = block_row<kSplit>();
@@ -361,7 +378,10 @@ __global__ void __launch_bounds__(kSplit ? kSplitThreads : kMaxThreads, kSplit ?
   const bool ignored = labels && label == p.ignore_index;
 
   if (ignored) {  // the same in every block of a cluster: none of them syncs
-    if (threadIdx.x == 0 && row_part<kSplit>() == 0) hard[i] = soft[i] = 0.f;
+    if (threadIdx.x == 0 && row_part<kSplit>() == 0) {
+      hard[i] = soft[i] = 0.f;
+      if constexpr (kEntropy) entropy[i] = 0.f;
+    }
     if (row.g) {
       row.for_each([&](int64_t j, const float*, const float*, auto n) {
         Pack<S, decltype(n)::value> zeros;
@@ -377,12 +397,25 @@ __global__ void __launch_bounds__(kSplit ? kSplitThreads : kMaxThreads, kSplit ?
   const auto merge_stats = [&p](const RowStats& a, const RowStats& b) {
     return stats_merge(a, b, p.inv_t);
   };
-  RowStats st = thread_stats(row, p);
+  float hs = 0.f;  // the entropy's sum (kEntropy)
+  RowStats st = thread_stats<kEntropy>(row, p, hs);
+  [[maybe_unused]] const float ms_mine = st.ms, zs_mine = st.zs;  // hs's anchor (kEntropy)
   st = block_reduce(st, merge_stats, stats_empty(), sh.stats);
   st = cluster_merge(st, &sh.part_stats, parts, merge_stats);
   if (threadIdx.x == 0) sh.consts = row_consts(st, p);
   __syncthreads();
   RowConsts c = sh.consts;
+
+  if constexpr (kEntropy) {
+    // Every thread's sum at the row's max: then merging them is addition.
+    float h = entropy_moved(hs, zs_mine, ms_mine, c.ms, p.inv_t);
+    const auto add = [](float a, float b) { return a + b; };
+    h = block_reduce(h, add, 0.f, sh.sums);
+    h = cluster_merge(h, &sh.part_sum, parts, add);
+    if (threadIdx.x == 0 && row_part<kSplit>() == 0) {
+      entropy[block_row<kSplit>()] = row_entropy(h, st.zs, p.inv_t);
+    }
+  }
 
   if (p.smoothing && labels != nullptr) {
     // Label smoothing's row sum, sum (s - ms), in a pass of its own (only

@@ -74,28 +74,31 @@ struct SparseShared {
   int64_t kept;  // the row's kept (not padded) entries
 };
 
-// The dynamic part: the mask, then per entry of the row's teacher its id (int
-// 32), the student's logit or log-prob there, and the stored log-prob, or T
-// dD/ds once the buckets are done.
+// The dynamic part: the mask, then per entry of the row's teacher (k: the
+// longest row) its id (int 32), the student's logit or log-prob there, its
+// p_s, and the stored log-prob, or T dD/ds once the buckets are done.
 C10_HOST_DEVICE inline int64_t mask_words(int64_t v) { return (v + 31) / 32; }
 C10_HOST_DEVICE inline size_t sparse_shared_bytes(int64_t v, int64_t k) {
-  return static_cast<size_t>(mask_words(v) + 3 * k) * 4;
+  return static_cast<size_t>(mask_words(v) + 4 * k) * 4;
 }
 
 template <typename S>
 __global__ void __launch_bounds__(kMaxThreads, 2)
     sparse_rows_kernel(const S* __restrict__ student, int64_t s_stride,
-                       const int64_t* __restrict__ indices, const float* __restrict__ logprobs,
-                       int64_t k, const int64_t* __restrict__ labels,
+                       const TeacherEntries teacher, const int64_t* __restrict__ labels,
                        const float* __restrict__ grad_scale, float* __restrict__ hard,
                        float* __restrict__ soft, S* __restrict__ grad, int64_t v,
                        const LossParams p, const Tail tail, const float st_over_t) {
   KDFUSED_BLOCK_SHARED(SparseShared, sh);
   KDFUSED_DYNAMIC_SHARED(uint32_t, mask);
+  const int64_t i = blockIdx.x;
+  const int64_t k = teacher.k;
   int32_t* ids = reinterpret_cast<int32_t*>(mask + mask_words(v));
   float* lb = reinterpret_cast<float*>(ids + k);
-  float* x = lb + k;
-  const int64_t i = blockIdx.x;
+  float* ps = lb + k;
+  float* x = ps + k;
+  const int64_t first = teacher.row_begin(i);
+  const int64_t len = teacher.row_end(i) - first;  // at most k
   const S* s = student + i * s_stride;
   S* g = grad ? grad + i * v : nullptr;
   const int64_t label = labels ? labels[i] : -1;
@@ -111,33 +114,45 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   // The kept ids: checked, marked, and their logits and log-probs gathered.
   for (int64_t w = threadIdx.x; w < mask_words(v); w += blockDim.x) mask[w] = 0u;
   __syncthreads();
-  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-    const int64_t id = indices[i * k + j];
+  for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
+    const int64_t id = teacher.id(first + j);
     const bool ok = id >= -1 && id < v;
-    if (!ok) {
+    if (!ok && !teacher.offsets) {
       printf(
           "kdfused: sparse teacher indices[%lld, %lld] = %lld is outside [0, V) with V = %lld "
           "(-1 pads a row)\n",
           static_cast<long long>(i), static_cast<long long>(j), static_cast<long long>(id),
           static_cast<long long>(v));
+    } else if (!ok) {
+      printf(
+          "kdfused: sparse teacher indices[%lld] (row %lld, entry %lld) = %lld is outside [0, V) "
+          "with V = %lld (-1 pads a row)\n",
+          static_cast<long long>(first + j), static_cast<long long>(i), static_cast<long long>(j),
+          static_cast<long long>(id), static_cast<long long>(v));
     }
     CUDA_KERNEL_ASSERT(ok);
     const bool use = ok && id >= 0;
     if (use) atomicOr(&mask[id >> 5], 1u << (id & 31));
     ids[j] = use ? static_cast<int32_t>(id) : -1;
     lb[j] = use ? static_cast<float>(s[id]) : 0.f;
-    x[j] = logprobs[i * k + j];
+    x[j] = teacher.logprob(first + j);
   }
   __syncthreads();
   // A repeated id, reported at its later entry whatever the threads' order.
-  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+  for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
     bool distinct = true;
     for (int64_t q = 0; q < j && ids[j] >= 0; ++q) distinct = distinct && ids[q] != ids[j];
-    if (!distinct) {
+    if (!distinct && !teacher.offsets) {
       printf(
           "kdfused: sparse teacher indices[%lld, %lld] = %lld repeats an id kept earlier in its "
           "row: a row's kept ids must be distinct\n",
           static_cast<long long>(i), static_cast<long long>(j), static_cast<long long>(ids[j]));
+    } else if (!distinct) {
+      printf(
+          "kdfused: sparse teacher indices[%lld] (row %lld, entry %lld) = %lld repeats an id kept "
+          "earlier in its row: a row's kept ids must be distinct\n",
+          static_cast<long long>(first + j), static_cast<long long>(i), static_cast<long long>(j),
+          static_cast<long long>(ids[j]));
     }
     CUDA_KERNEL_ASSERT(distinct);
   }
@@ -181,15 +196,17 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   if (threadIdx.x == 0) {
     const SparseConsts sc = sparse_consts(st, p);
     RowConsts c = sh.consts;
+    const float inv_zs = 1.f / st.zs;
     int64_t n = 0;
-    for (int64_t j = 0; j < k; ++j) {
+    for (int64_t j = 0; j < len; ++j) {
       if (ids[j] < 0) continue;
       ids[n] = ids[j];
+      ps[n] = prob_s_ratio(lb[j], st.ms, p.inv_t, inv_zs);
       lb[n] = log_ps(lb[j], c, p);
       x[n] = x[j];
       ++n;
     }
-    const SparseRow row = sparse_buckets(lb, x, n, sc.log_tail, n == v, tail, st_over_t, p);
+    const SparseRow row = sparse_buckets(lb, x, n, sc.log_tail, n == v, tail, st_over_t, p, ps);
     sh.row = row;
     sh.kept = n;
     const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -216,12 +233,19 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
         const float ps = prob_s(sf[e], c, p);
         out.v[e] = static_cast<S>(element(sf[e], ps, ps * tail_coef, false));
       }
-      *reinterpret_cast<Pack<S, decltype(w)::value>*>(g + j) = out;
+      // The gradient row's alignment is the student row's only when the
+      // student's row stride is V: else its elements go one by one.
+      if (decltype(w)::value == 1 || aligned_to(g + j, static_cast<int>(sizeof(out)))) {
+        *reinterpret_cast<Pack<S, decltype(w)::value>*>(g + j) = out;
+      } else {
+#pragma unroll
+        for (int e = 0; e < w; ++e) g[j + e] = out.v[e];
+      }
     });
     __syncthreads();  // the kept ids and the label after the whole row
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
       const int64_t id = ids[j];
-      g[id] = static_cast<S>(element(static_cast<float>(s[id]), ::expf(lb[j]), x[j], id == label));
+      g[id] = static_cast<S>(element(static_cast<float>(s[id]), ps[j], x[j], id == label));
     }
     if (threadIdx.x == 0 && labels && label_ok && !is_kept(mask, label)) {
       const float sy = static_cast<float>(s[label]);
@@ -234,7 +258,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
 // ---- top-k -----------------------------------------------------------------
 
 // A float's bits as a key whose unsigned order is the float order (NaN: 0,
-// below every number, and never chosen).
+// below every number, chosen only to fill a row with fewer than k numbers).
 __device__ inline uint32_t order_key(float x) {
   if (x != x) return 0u;
 #ifdef __CUDA_ARCH__
@@ -262,6 +286,7 @@ struct TopkShared {
   int64_t above;       // the keys above that prefix
   int64_t taken_gt;    // slots filled by keys above the k-th
   int64_t ties_taken;  // equal keys taken so far (column order)
+  int64_t nan_taken;   // NaN entries taken (a row with fewer than k numbers)
   int32_t tie_slot[kMaxThreads];
 };
 
@@ -342,6 +367,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (threadIdx.x == 0) {
     sh.taken_gt = 0;
     sh.ties_taken = 0;
+    sh.nan_taken = 0;
   }
   __syncthreads();
   const int64_t take_gt = sh.above;  // the keys above the k-th: their slots come first
@@ -376,17 +402,47 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     __syncthreads();
   }
-  // Slots left when the row has fewer than k numbers (NaN): padding.
-  const int64_t filled = sh.taken_gt + sh.ties_taken;
-  // Each entry's rank: the entries better than it (larger, or equal and a
-  // lower id).
+  // Slots left when the row has fewer than k numbers: its NaN ids, lowest
+  // first, in column tiles as the ties (rare rows, so one thread scans).
+  const int64_t numbers = sh.taken_gt + sh.ties_taken;
+  if (numbers < k) {
+    for (int64_t t0 = 0; t0 < v; t0 += blockDim.x) {
+      const int64_t j = t0 + threadIdx.x;
+      const bool nan = j < v && order_key(static_cast<float>(row[j])) == 0u;
+      sh.tie_slot[threadIdx.x] = nan ? 1 : 0;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        int64_t taken = sh.nan_taken;
+        for (unsigned u = 0; u < blockDim.x; ++u) {
+          const bool take = sh.tie_slot[u] != 0 && numbers + taken < k;
+          sh.tie_slot[u] = take ? static_cast<int32_t>(numbers + taken) : -1;
+          taken += take ? 1 : 0;
+        }
+        sh.nan_taken = taken;
+      }
+      __syncthreads();
+      if (nan && sh.tie_slot[threadIdx.x] >= 0) {
+        entry_value[sh.tie_slot[threadIdx.x]] = static_cast<float>(row[j]);
+        entry_id[sh.tie_slot[threadIdx.x]] = j;
+      }
+      __syncthreads();
+    }
+  }
+  const int64_t filled = numbers + sh.nan_taken;  // k, as the row has V >= k entries
+  // Each number's rank: the numbers better than it (larger, or equal and a
+  // lower id); the NaN entries keep their slots, after the numbers. A row
+  // with a NaN has log_z NaN, so NaN log-probs throughout.
   const float log_z = ::logf(sh.mz[0].z);
   const float m = sh.mz[0].m;
-  for (int64_t a = threadIdx.x; a < filled; a += blockDim.x) {
+  for (int64_t a = numbers + threadIdx.x; a < filled; a += blockDim.x) {
+    out_idx[i * k + a] = entry_id[a];
+    out_lp[i * k + a] = below(entry_value[a], m) * inv_t - log_z;
+  }
+  for (int64_t a = threadIdx.x; a < numbers; a += blockDim.x) {
     const float va = entry_value[a];
     const int64_t ia = entry_id[a];
     int64_t rank = 0;
-    for (int64_t b = 0; b < filled; ++b) {
+    for (int64_t b = 0; b < numbers; ++b) {
       const float vb = entry_value[b];
       rank += (vb > va || (vb == va && entry_id[b] < ia)) ? 1 : 0;
     }
