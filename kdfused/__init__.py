@@ -3,8 +3,7 @@
 from . import reference, sparse
 from ._info import __version__, build_info
 from ._types import SparseTeacher
-from .functional import fused_distill_loss
-from .fused_linear import fused_linear_distill_loss
+from .functional import fused_distill_loss, fused_linear_distill_loss
 from .loss import FusedDistillLoss, FusedLinearDistillLoss
 
 __all__ = [

@@ -1,209 +1,87 @@
-"""fused_distill_loss: validation, flattening, backend choice, autograd."""
+"""The public functions: the one place that validates user input and routes
+it to a capability (docs/design.md, "Layers").
+
+Each call validates once (the options as one LossOptions, the tensors),
+flattens the leading dims, and hands the validated rows to one capability:
+the dense or sparse kernel (kdfused.dense, kdfused.sparse), the chunked
+fused-linear loss (kdfused.fused_linear), the vocab-parallel phases
+(kdfused.parallel), or the pure-PyTorch reference (kdfused.reference).
+"""
 
 from __future__ import annotations
 
-import warnings
-
 import torch
+import torch.distributed as dist
 
-from . import ops, reference
-from ._types import DistillLossOutput, SparseTeacher
+from . import dense, fused_linear, ops, parallel, reference, sparse
+from ._autograd import package
+from ._types import SparseTeacher
 from ._validation import (
+    LossOptions,
+    check_labels,
     teacher_columns,
+    validate_linear_options,
+    validate_linear_tensors,
     validate_num_items,
     validate_options,
+    validate_sparse_teacher,
+    validate_student_logits,
     validate_tensors,
 )
 
-_warned_fallback = False
+# What validation raises; under a process group every rank learns of it.
+_INPUT_ERRORS = (ValueError, TypeError, RuntimeError)
 
 
-def choose_backend(backend: str, device: torch.device) -> str:
-    """Returns "kernel" or "reference" for these tensors (see DESIGN.md section 2)."""
-    global _warned_fallback
-    if backend == "reference":
-        return "reference"
-    if backend == "auto":
-        if ops.has_kernel(device.type):
-            return "kernel"
-        if not _warned_fallback:
-            _warned_fallback = True
-            why = (
-                f"the compiled extension failed to load ({ops.LOAD_ERROR})"
-                if ops.LOAD_ERROR is not None
-                else f"it was built without a kernel for {device.type} tensors"
-            )
-            warnings.warn(
-                f"kdfused: using the slow pure-PyTorch reference because {why}. "
-                "Build it with `pip install --no-build-isolation -e .` (see README).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return "reference"
-    if device.type != backend:
-        raise ValueError(f"backend={backend!r} needs {backend} tensors, got tensors on {device}")
-    if not ops.has_kernel(backend):
-        how = (
-            "install a CUDA build of torch and the CUDA toolkit (or set KDFUSED_FORCE_CUDA=1), "
-            "then rebuild with `pip install --no-build-isolation -e .`"
-            if backend == "cuda"
-            else "build it with `pip install --no-build-isolation -e .`"
-        )
-        detail = f" (import error: {ops.LOAD_ERROR})" if ops.LOAD_ERROR is not None else ""
-        raise RuntimeError(f"kdfused: backend={backend!r} is not built{detail}: {how}")
-    return "kernel"
+def _device_of(group, x) -> torch.device:
+    if isinstance(x, torch.Tensor):
+        return x.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def kernel_dtype_check(name: str, x: torch.Tensor) -> None:
-    """The fused kernels' dtypes (the reference takes float64 too)."""
-    if x.dtype not in ops.KERNEL_DTYPES:
-        raise TypeError(
-            f"{name} has dtype {x.dtype}; the fused kernels take float32, float16 or "
-            "bfloat16 (use backend='reference' for float64)"
+# The fused-linear loss's inputs that the models' own matmuls take (and
+# autocast would cast).
+_LINEAR_TENSORS = (
+    "student_hidden",
+    "student_weight",
+    "student_bias",
+    "teacher_hidden",
+    "teacher_weight",
+    "teacher_bias",
+)
+
+
+def _autocast_dtype(x):
+    """The dtype torch.autocast casts matmuls to on x's device, or None."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
+
+
+def _entropy_available(opts: LossOptions, sparse_kernel: bool, group) -> None:
+    if not opts.student_entropy:
+        return
+    if sparse_kernel or group is not None:
+        what = "a process_group" if group is not None else "a SparseTeacher's kernel"
+        raise ValueError(
+            f"student_entropy is computed by the dense kernels of one process, not with {what} "
+            "(backend='reference' computes it for a sparse teacher)"
         )
 
 
-def counted_rows(labels, n: int, ignore_index: int, device, num_items=None) -> torch.Tensor:
-    """The batchmean divisor, as a float32 tensor (no host sync): the rows that
-    count, or num_items_in_batch when given (an int or a 0-d tensor: the
-    Hugging Face Trainer's count over a whole accumulated batch); at least 1."""
-    if num_items is not None:
-        count = torch.as_tensor(num_items, device=device).to(torch.float32)
-    elif labels is None:
-        count = torch.full((), n, dtype=torch.float32, device=device)
-    else:
-        count = (labels != ignore_index).sum().to(torch.float32)
-    return count.clamp(min=1)
-
-
-def combine_and_reduce(hard, soft, alpha: float, reduction: str, denom):
-    """(loss, hard, soft) from the per-row terms: loss_i = alpha hard_i +
-    (1 - alpha) soft_i, each reduced ("none": as they are)."""
-    # A term whose weight is 0 contributes 0, even where it is inf. (Clones:
-    # loss must not be the same tensor as a non-differentiable component.)
-    if alpha == 0:
-        rows = soft.clone()
-    elif alpha == 1:
-        rows = hard.clone()
-    else:
-        rows = alpha * hard + (1 - alpha) * soft
-
-    def reduce(x):
-        if reduction == "none":
-            return x
-        return x.sum() if reduction == "sum" else x.sum() / denom
-
-    return reduce(rows), reduce(hard), reduce(soft)
-
-
-def upstream_is_one(grad_loss: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether backward may hand back the gradient saved by forward as it is.
-
-    The usual loss.backward() passes 1: the saved gradient is the answer and
-    no pass over it is spent. (Autograd may then keep that very buffer as a
-    leaf's .grad; a later backward through a retained graph after .grad was
-    changed in place is refused by autograd's version check, never silently
-    wrong.) On CUDA the test costs one host sync, as Liger-Kernel's does. No
-    data-dependent branch inside a compiled graph or a CUDA graph capture
-    (reading grad_loss there is not allowed): there the answer is False.
-    """
-    if torch.compiler.is_compiling() or (grad.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return False
-    return bool(grad_loss == 1)
-
-
-def refuse_double_backward() -> None:
-    """Backward with create_graph=True (grad mode on inside backward) would
-    build a graph of the gradient formed in forward, a constant: a second
-    derivative through it would silently lack its terms. Refused instead."""
-    if torch.is_grad_enabled():
+def _needs_kernels(opts: LossOptions, device) -> None:
+    if opts.backend == "reference" or ops.choose_backend(opts.backend, device) != "kernel":
         raise RuntimeError(
-            "kdfused: the loss cannot be differentiated twice (backward with "
-            "create_graph=True): its gradient is formed in the forward pass as a constant. "
-            "For higher-order gradients use the pure-PyTorch kdfused.reference losses."
+            "kdfused: the vocab-parallel loss (process_group) needs the compiled kernels; "
+            "for a reference, gather the logits and call kdfused.reference.distill_loss"
         )
-
-
-def scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """grad times the upstream gradient (a scalar, or one value per row of
-    grad), formed in float32 and rounded to grad's dtype once: the scale is
-    shaped [N, 1] or [1, 1] (a 0-d float32 scale would be rounded to a
-    16-bit grad's dtype first)."""
-    scale = grad_loss.reshape(-1, *([1] * (grad.dim() - 1)))
-    if torch.compiler.is_compiling():
-        return (grad * scale).to(grad.dtype)
-    return torch.mul(grad, scale, out=torch.empty_like(grad))
-
-
-class SavedGradientFunction(torch.autograd.Function):
-    """What the logits losses' autograd functions share: forward runs a fused
-    kernel that also writes the student gradient of the reduced loss, and
-    hands it to finish(); backward only scales that saved gradient by
-    grad_output (and returns None for every other input)."""
-
-    @staticmethod
-    def finish(ctx, hard, soft, grad, alpha, reduction, denom, inputs: int):
-        """(loss, hard, soft) reduced, with grad saved for backward; inputs:
-        how many arguments forward took besides ctx."""
-        loss, hard, soft = combine_and_reduce(hard, soft, alpha, reduction, denom)
-        ctx.mark_non_differentiable(hard, soft)
-        ctx.save_for_backward(grad)
-        ctx.reduction = reduction
-        ctx.inputs = inputs
-        return loss, hard, soft
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_hard, _grad_soft):
-        refuse_double_backward()
-        (grad,) = ctx.saved_tensors
-        none = (None,) * (ctx.inputs - 1)
-        if ctx.reduction != "none" and upstream_is_one(grad_loss, grad):
-            return (grad,) + none
-        return (scaled(grad, grad_loss),) + none
-
-
-class _FusedDistillFunction(SavedGradientFunction):
-    """The dense teacher's: forward runs distill_forward."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        student,
-        teacher,
-        labels,
-        temperature,
-        alpha,
-        divergence,
-        beta,
-        reduction,
-        ignore_index,
-        scale_by_t2,
-        label_smoothing,
-        num_items,
-        compute_grad,
-    ):
-        denom = counted_rows(labels, student.shape[0], ignore_index, student.device, num_items)
-        grad_scale = denom.reciprocal() if reduction == "batchmean" else None
-        hard, soft, grad = ops.distill_forward(
-            student,
-            teacher,
-            labels,
-            grad_scale,
-            temperature=temperature,
-            alpha=alpha,
-            divergence=divergence,
-            beta=beta,
-            ignore_index=ignore_index,
-            scale_by_t2=scale_by_t2,
-            compute_grad=compute_grad,
-            label_smoothing=label_smoothing,
-        )
-        return SavedGradientFunction.finish(ctx, hard, soft, grad, alpha, reduction, denom, 13)
 
 
 def fused_distill_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseTeacher,
     labels: torch.Tensor | None = None,
     *,
     temperature: float = 2.0,
@@ -219,6 +97,7 @@ def fused_distill_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     process_group=None,
     return_components: bool = False,
+    student_entropy: bool = False,
 ):
     r"""Fused knowledge-distillation loss over logits of shape ``[..., V]``.
 
@@ -240,7 +119,8 @@ def fused_distill_loss(
         student_logits: ``[..., V]`` float32/float16/bfloat16; gets the gradient.
         teacher_logits: same shape, any of those dtypes; treated as a constant.
             Or a :class:`kdfused.SparseTeacher` (stored top-k log-probabilities,
-            DESIGN.md section 6): no ``[..., V]`` teacher tensor is formed.
+            docs/design.md "Sparse teacher"): no ``[..., V]`` teacher tensor is
+            formed.
         labels: int64 ``[...]`` class indices, or None (then ``alpha`` must be 0).
         backend: ``"auto"`` (the compiled kernel for the tensors' device, else
             the reference with a warning), ``"cpu"``, ``"cuda"`` or ``"reference"``.
@@ -254,39 +134,34 @@ def fused_distill_loss(
             call's counted rows: the Hugging Face Trainer's convention for
             gradient accumulation and data parallelism.
         process_group: a ``torch.distributed`` group over which the vocabulary
-            is split (tensor parallelism, DESIGN.md section 7): each rank passes
-            its contiguous shard ``[..., V_r]`` of both models' logits, in
-            group-rank order, and the same global-id labels; every rank gets
-            the whole vocabulary's loss and its shard's gradient. Only per-row
-            statistics cross (one all_gather; two for ``"jsd"``). Logits that
-            are ``DTensor`` with a ``Shard(-1)`` placement need no group: it
-            comes from their mesh.
+            is split (tensor parallelism): each rank passes its contiguous
+            shard ``[..., V_r]`` of the student's logits, in group-rank order,
+            and of the teacher's (or the same sparse teacher, its ids global),
+            and the same global-id labels; every rank gets the whole
+            vocabulary's loss and its shard's gradient. A fixed-size agreement
+            crosses first (ranks that disagree raise together), then only
+            per-row statistics (one all_gather; two for ``"jsd"`` with dense
+            teacher logits). Logits that are ``DTensor`` with a ``Shard(-1)``
+            placement need no group: it comes from their mesh.
         return_components: also return the reduced, detached hard and soft terms
             as a :class:`DistillLossOutput` ``(loss, hard_loss, soft_loss)``.
+        student_entropy: also compute the student's entropy H(softmax(s / T))
+            of every counted row in the same kernel pass, reduced like the
+            loss: the result is then a DistillLossOutput whose
+            ``student_entropy`` holds it (what trainers log; dense teachers,
+            one process).
 
     Returns:
         The float32 loss (or the NamedTuple). The gradient is computed in the
         forward call, so backward costs at most one scaling pass.
     """
-    student_logits, teacher_logits, labels, process_group = _from_dtensors(
+    student_logits, teacher_logits, labels, group = parallel.from_dtensors(
         student_logits, teacher_logits, labels, process_group
     )
-    if process_group is not None:
-        from .parallel import split_over
-
-        process_group = split_over(process_group)
-    if isinstance(teacher_logits, SparseTeacher):  # DESIGN.md section 6: its own module
-        if process_group is not None:
-            raise NotImplementedError(
-                "kdfused: a sparse teacher with a process_group (vocab-parallel) is not "
-                "supported yet"
-            )
-        from .sparse import sparse_distill_loss
-
-        return sparse_distill_loss(
-            student_logits,
-            teacher_logits,
-            labels,
+    group = parallel.split_over(group)
+    sparse_teacher = isinstance(teacher_logits, SparseTeacher)
+    try:
+        opts = validate_options(
             temperature=temperature,
             alpha=alpha,
             divergence=divergence,
@@ -294,162 +169,246 @@ def fused_distill_loss(
             reduction=reduction,
             ignore_index=ignore_index,
             scale_by_t2=scale_by_t2,
+            backend=backend,
+            teacher_vocab=teacher_vocab,
             label_smoothing=label_smoothing,
-            backend=backend,
-            teacher_vocab=teacher_vocab,
-            num_items_in_batch=num_items_in_batch,
-            return_components=return_components,
+            student_entropy=student_entropy,
         )
-    validate_options(
-        temperature=temperature,
-        alpha=alpha,
-        divergence=divergence,
-        beta=beta,
-        reduction=reduction,
-        ignore_index=ignore_index,
-        scale_by_t2=scale_by_t2,
-        backend=backend,
-        teacher_vocab=teacher_vocab,
-        label_smoothing=label_smoothing,
-    )
-    validate_tensors(
-        student_logits,
-        teacher_logits,
-        labels,
-        alpha=alpha,
-        teacher_vocab=teacher_vocab,
-        sharded=process_group is not None,
-    )
-    validate_num_items(num_items_in_batch, reduction)
-    vocab = student_logits.shape[-1]
-    teacher_logits = teacher_columns(teacher_logits, vocab)
-    options = dict(
-        temperature=float(temperature),
-        alpha=float(alpha),
-        divergence=divergence,
-        beta=float(beta),
-        reduction=reduction,
-        ignore_index=int(ignore_index),
-        scale_by_t2=scale_by_t2,
-        label_smoothing=float(label_smoothing),
-    )
-    if process_group is not None:
-        return _vocab_parallel(
-            student_logits,
-            teacher_logits,
-            labels,
-            process_group=process_group,
-            backend=backend,
-            teacher_vocab=teacher_vocab,
-            num_items_in_batch=num_items_in_batch,
-            return_components=return_components,
-            **options,
-        )
-    if choose_backend(backend, student_logits.device) == "reference":
-        return reference.distill_loss(
-            student_logits,
-            teacher_logits,
-            labels,
-            num_items_in_batch=num_items_in_batch,
-            return_components=return_components,
-            **options,
-        )
-    kernel_dtype_check("student_logits", student_logits)
-    kernel_dtype_check("teacher_logits", teacher_logits)
-
-    lead = student_logits.shape[:-1]
-    student = student_logits.reshape(-1, vocab)
-    teacher = teacher_logits.detach().reshape(-1, vocab)
-    flat_labels = None if labels is None else labels.reshape(-1)
-    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, hard, soft = _FusedDistillFunction.apply(
-        student, teacher, flat_labels, *options.values(), num_items_in_batch, compute_grad
-    )
-    if reduction == "none":
-        loss, hard, soft = loss.reshape(lead), hard.reshape(lead), soft.reshape(lead)
-    if return_components:
-        return DistillLossOutput(loss, hard, soft)
-    return loss
-
-
-def _from_dtensors(student, teacher, labels, process_group):
-    """DTensor logits with a Shard(-1) placement: their local shards and the
-    group of the mesh dim they are sharded over (DESIGN.md section 7). A
-    teacher or labels given as DTensor too are read likewise (labels
-    replicated); plain ones are taken as they are."""
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # a torch built without distributed
-        return student, teacher, labels, process_group
-    if not isinstance(student, DTensor):
-        if isinstance(teacher, DTensor) or isinstance(labels, DTensor):
-            raise TypeError("kdfused: a DTensor teacher or labels need DTensor student logits")
-        return student, teacher, labels, process_group
-    dims = [
-        i
-        for i, p in enumerate(student.placements)
-        if isinstance(p, Shard) and p.dim in (-1, student.dim() - 1)
-    ]
-    if len(dims) != 1 or len(student.placements) != 1:
-        raise ValueError(
-            "kdfused: DTensor logits must be sharded over the vocabulary (the last dim) on a "
-            f"1-D mesh, placements Shard(-1); got {student.placements}"
-        )
-    group = student.device_mesh.get_group(dims[0])
-    if process_group is not None and process_group != group:
-        raise ValueError("kdfused: process_group differs from the DTensor logits' mesh group")
-    if isinstance(teacher, DTensor):
-        if teacher.placements != student.placements or teacher.shape != student.shape:
-            raise ValueError(
-                "kdfused: DTensor teacher logits must have the student's shape and placements, "
-                f"got {tuple(teacher.shape)} {teacher.placements} and {tuple(student.shape)} "
-                f"{student.placements}"
+        validate_num_items(num_items_in_batch, reduction)
+        if sparse_teacher:
+            validate_student_logits(student_logits, sharded=group is not None)
+            lead = student_logits.shape[:-1]
+            validate_sparse_teacher(
+                lead,
+                student_logits.device,
+                teacher_logits,
+                divergence=divergence,
+                teacher_vocab=teacher_vocab,
+                what=f"student_logits {tuple(student_logits.shape)}",
             )
-        teacher = teacher.to_local()
-    if isinstance(labels, DTensor):
-        labels = labels.full_tensor()
-    return student.to_local(), teacher, labels, group
+            check_labels(labels, lead, student_logits.device, alpha=alpha, lead_of="logits")
+            teacher = teacher_logits.flatten()
+        else:
+            validate_tensors(
+                student_logits,
+                teacher_logits,
+                labels,
+                alpha=alpha,
+                teacher_vocab=teacher_vocab,
+                sharded=group is not None,
+            )
+            lead = student_logits.shape[:-1]
+            width = student_logits.shape[-1]
+            teacher = teacher_columns(teacher_logits, width).reshape(lead.numel(), width)
+        backend_kind = ops.choose_backend(opts.backend, student_logits.device)
+        _entropy_available(opts, sparse_teacher and backend_kind == "kernel", group)
+        if group is not None:
+            _needs_kernels(opts, student_logits.device)
+        if backend_kind == "kernel":
+            ops.kernel_dtype_check("student_logits", student_logits)
+            if not sparse_teacher:
+                ops.kernel_dtype_check("teacher_logits", teacher_logits)
+    except _INPUT_ERRORS as err:
+        if group is not None:
+            parallel.reject_together(group, err, _device_of(group, student_logits))
+        raise
+    # (reshape(-1, 0) is ambiguous for an empty shard)
+    student = student_logits.reshape(lead.numel(), student_logits.shape[-1])
+    y = None if labels is None else labels.reshape(-1)
+    if group is not None:
+        rows = parallel.logits_loss(student, teacher, y, opts, num_items_in_batch, group)
+    elif backend_kind == "reference":
+        capability = reference.sparse_loss if sparse_teacher else reference.dense_loss
+        rows = capability(student, teacher, y, opts, num_items_in_batch)
+    else:
+        capability = sparse.sparse_loss if sparse_teacher else dense.dense_loss
+        rows = capability(student, teacher, y, opts, num_items_in_batch)
+    return package(*rows, lead, opts.reduction, return_components)
 
 
-def _vocab_parallel(
-    student,
-    teacher,
-    labels,
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
     *,
-    process_group,
-    backend,
-    teacher_vocab,
-    num_items_in_batch,
-    return_components,
-    reduction,
-    **options,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | SparseTeacher | None = None,
+    teacher: SparseTeacher | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    scale_by_t2: bool = True,
+    label_smoothing: float = 0.0,
+    backend: str = "auto",
+    teacher_vocab: str = "exact",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    process_group=None,
+    return_components: bool = False,
+    student_entropy: bool = False,
 ):
-    """fused_distill_loss over shards of the vocabulary (kdfused.parallel)."""
-    from . import parallel
+    r"""The distillation loss of :func:`kdfused.fused_distill_loss` with the
+    logits formed from hidden states, chunk by chunk (never all N x V at once).
 
-    if teacher_vocab != "exact":
-        raise ValueError("kdfused: teacher_vocab='truncate' does not apply to vocabulary shards")
-    if backend == "reference" or choose_backend(backend, student.device) != "kernel":
-        raise RuntimeError(
-            "kdfused: the vocab-parallel loss (process_group) needs the compiled kernels; "
-            "for a reference, gather the logits and call kdfused.reference.distill_loss"
+    The student's logits are ``softcap(student_logit_scale * (student_hidden
+    @ student_weight.T + student_bias))`` (``softcap(x) = c tanh(x / c)`` with
+    ``c = student_softcap``, the identity when None), the teacher's likewise
+    from ``teacher_hidden`` / ``teacher_weight`` / ``teacher_bias`` /
+    ``teacher_logit_scale`` / ``teacher_softcap``; or the teacher is given
+    whole as ``teacher_logits``, or as a :class:`kdfused.SparseTeacher`
+    (``teacher=``, or in ``teacher_logits``): exactly one of the sources.
+
+    Args:
+        student_hidden: ``[..., Hs]`` float32/float16/bfloat16; gets a gradient.
+        student_weight: ``[V, Hs]`` (an ``nn.Linear`` lm_head's ``.weight``),
+            same dtype; gets a gradient, accumulated over the chunks in float32
+            and rounded to its dtype once. ``student_bias`` ``[V]`` likewise.
+        labels: int64 ``[...]`` (the hidden states' leading dims), or None.
+        teacher_hidden, teacher_weight, teacher_bias: ``[..., Ht]``, ``[V, Ht]``,
+            ``[V]``; treated as constants.
+        teacher_logits: ``[..., V]``, instead of the teacher's hidden states.
+        teacher: a :class:`kdfused.SparseTeacher` of the hidden states'
+            positions (stored top-k log-probabilities), read by the
+            sparse-teacher kernel chunk by chunk.
+        teacher_vocab: ``"truncate"`` takes a wider teacher's first V rows of
+            its weight and bias (or columns of its logits), views, no copies.
+        num_items_in_batch: the batchmean divisor, as in
+            :func:`kdfused.fused_distill_loss`.
+        chunk_size: rows per chunk; None picks it so that one chunk's buffers
+            take at most 64 MiB on the CPU, 256 MiB on a GPU
+            (``kdfused.fused_linear.CHUNK_BUDGET_BYTES``). The result does not
+            depend on it beyond rounding.
+        student_logit_scale, teacher_logit_scale: multipliers of the logits
+            before the softcap, as some models form them (``logit_scale``,
+            ``1 / logits_scaling``); 1 by default.
+        process_group: a ``torch.distributed`` group over which the lm_heads
+            are column-parallel: each rank passes its rows ``[V_r, H]`` of
+            both weights (and biases, or its shard of ``teacher_logits``, or
+            the same sparse teacher with global ids), in group-rank order, and
+            the same hidden states and labels (global ids). Every rank gets
+            the whole vocabulary's loss, its rows' weight and bias gradients,
+            and its shard's part of the hidden states' gradient (summed over
+            the group by the layer that feeds the lm_head, as in Megatron-LM).
+            The agreement, then one all_gather of per-row statistics per
+            forward (two for ``"jsd"`` with a dense teacher); each chunk's
+            logits are formed twice, once per phase.
+        The other options are :func:`kdfused.fused_distill_loss`'s.
+
+    Returns:
+        The float32 loss, or a :class:`DistillLossOutput`. The gradients are
+        formed in the forward call; backward scales them (with
+        ``reduction="none"`` it runs the chunk loop again, with the per-row
+        upstream gradient).
+    """
+    cast = _autocast_dtype(student_hidden)
+    if cast is not None:
+        # Under torch.autocast the models form their lm_head products in the
+        # autocast dtype; the chunk loop's matmuls write into buffers, which
+        # autocast does not see: the inputs are cast here (differentiably)
+        # and the loss runs with autocast off.
+        call = {k: v for k, v in locals().items() if k != "cast"}
+        for name in _LINEAR_TENSORS:
+            x = call[name]
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                call[name] = x.to(cast)
+        with torch.autocast(student_hidden.device.type, enabled=False):
+            return fused_linear_distill_loss(**call)
+    group = parallel.split_over(process_group)
+    try:
+        if isinstance(teacher_logits, SparseTeacher):
+            if teacher is not None:
+                raise ValueError("pass the sparse teacher once: teacher= or teacher_logits=")
+            teacher, teacher_logits = teacher_logits, None
+        if teacher is not None and not isinstance(teacher, SparseTeacher):
+            raise TypeError(
+                f"teacher must be a kdfused.SparseTeacher, got {type(teacher).__name__} (dense "
+                "teacher logits go in teacher_logits)"
+            )
+        opts = validate_options(
+            temperature=temperature,
+            alpha=alpha,
+            divergence=divergence,
+            beta=beta,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            scale_by_t2=scale_by_t2,
+            backend=backend,
+            teacher_vocab=teacher_vocab,
+            label_smoothing=label_smoothing,
+            student_entropy=student_entropy,
         )
-    kernel_dtype_check("student_logits", student)
-    kernel_dtype_check("teacher_logits", teacher)
-    lead = student.shape[:-1]
-    width = student.shape[-1]
-    rows = lead.numel()  # (reshape(-1, 0) is ambiguous for an empty shard)
-    loss, hard, soft = parallel.vocab_parallel_loss(
-        student.reshape(rows, width),
-        teacher.reshape(rows, width),
-        None if labels is None else labels.reshape(-1),
-        process_group=process_group,
-        options=options,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-    )
-    if reduction == "none":
-        loss, hard, soft = loss.reshape(lead), hard.reshape(lead), soft.reshape(lead)
-    if return_components:
-        return DistillLossOutput(loss, hard, soft)
-    return loss
+        lin = validate_linear_options(
+            chunk_size=chunk_size,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
+            student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale,
+        )
+        validate_num_items(num_items_in_batch, reduction)
+        validate_linear_tensors(
+            student_hidden,
+            student_weight,
+            labels,
+            student_bias=student_bias,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+            teacher_logits=teacher_logits,
+            sparse_teacher=teacher,
+            alpha=alpha,
+            teacher_vocab=teacher_vocab,
+            sharded=group is not None,
+        )
+        vocab = student_weight.shape[0]
+        lead = student_hidden.shape[:-1]
+        n = lead.numel()
+        if teacher is not None:
+            validate_sparse_teacher(
+                lead,
+                student_hidden.device,
+                teacher,
+                divergence=divergence,
+                teacher_vocab=teacher_vocab,
+                what=f"student_hidden {tuple(student_hidden.shape)}",
+            )
+            source = teacher.flatten()
+        elif teacher_logits is not None:
+            source = teacher_columns(teacher_logits, vocab).reshape(n, vocab)
+        else:
+            t_bias = None if teacher_bias is None else teacher_columns(teacher_bias, vocab, dim=0)
+            t_hidden = teacher_hidden.reshape(n, teacher_hidden.shape[-1])
+            source = (t_hidden, teacher_columns(teacher_weight, vocab, dim=0), t_bias)
+        backend_kind = ops.choose_backend(opts.backend, student_hidden.device)
+        _entropy_available(opts, teacher is not None and backend_kind == "kernel", group)
+        if group is not None:
+            _needs_kernels(opts, student_hidden.device)
+        if backend_kind == "kernel":
+            ops.kernel_dtype_check("student_hidden", student_hidden)
+            if teacher_logits is not None:
+                ops.kernel_dtype_check("teacher_logits", teacher_logits)
+            elif teacher is None:
+                ops.kernel_dtype_check("teacher_hidden", teacher_hidden)
+    except _INPUT_ERRORS as err:
+        if group is not None:
+            parallel.reject_together(group, err, _device_of(group, student_hidden))
+        raise
+    s_hidden = student_hidden.reshape(n, student_hidden.shape[-1])
+    y = None if labels is None else labels.reshape(-1)
+    args = (s_hidden, student_weight, student_bias, y, source, opts, lin, num_items_in_batch)
+    if group is not None:
+        rows = parallel.linear_loss(*args, group)
+    elif backend_kind == "reference":
+        rows = reference.linear_loss(*args)
+    else:
+        rows = fused_linear.linear_loss(*args)
+    return package(*rows, lead, opts.reduction, return_components)

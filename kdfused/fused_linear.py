@@ -1,14 +1,17 @@
-"""fused_linear_distill_loss: the loss from hidden states and output weights,
-chunk by chunk, never holding the [N, V] logits (DESIGN.md section 5).
+"""The fused-linear capability: the loss from hidden states and output
+weights, chunk by chunk, never holding the [N, V] logits (docs/design.md,
+"Fused-linear").
 
 One autograd.Function owns the chunk loop. Per chunk of rows it forms the
-student's logits with torch's own matmul, asks the teacher source for the
-teacher's logits of the same rows, runs the fused kernel (loss rows and the
-logits' gradient in one call), and turns that gradient into the gradients of
-the hidden states, the weight and the bias with two more matmuls and a sum.
-The teacher source is a small object per kind of teacher (hidden states +
-weight, dense logits, a sparse top-k teacher) that runs the kernel for a
-chunk, so that the loop has no branch per kind.
+student's logits with torch's own matmul (:class:`LinearStudent`), asks the
+teacher source for the chunk's loss rows and logits gradient (the fused
+kernel runs inside it), and turns that gradient into the gradients of the
+hidden states, the weight and the bias with two more matmuls and a sum.
+
+A kind of teacher is one :class:`TeacherSource` subclass: hidden states +
+weight (:class:`HiddenTeacher`), dense logits (:class:`LogitsTeacher`), a
+sparse top-k teacher (:class:`SparseSource`); the vocab-parallel capability
+adds its gradient phase as one more. The loop has no branch per kind.
 
 Memory beyond the inputs and their gradients: one chunk's student logits, the
 kernel's gradient of them and the teacher's logits (none for dense teacher
@@ -24,25 +27,18 @@ from __future__ import annotations
 
 import torch
 
-from . import ops, reference
-from ._types import DistillLossOutput, SparseTeacher
-from ._validation import (
-    teacher_columns,
-    validate_linear_options,
-    validate_linear_tensors,
-    validate_num_items,
-    validate_options,
-    validate_sparse_teacher,
-)
-from .functional import (
-    choose_backend,
-    combine_and_reduce,
+from . import ops
+from ._autograd import (
     counted_rows,
-    kernel_dtype_check,
+    entropy_or_none,
+    finish_outputs,
+    grad_scale_of,
+    none_after,
     refuse_double_backward,
-    scaled,
-    upstream_is_one,
+    scaled_saved,
 )
+from ._types import SparseTeacher
+from ._validation import LinearOptions, LossOptions
 
 # chunk_size=None: as many rows as keep one chunk's buffers (student logits,
 # their gradient unless it overwrites them, and the teacher's logits, in the
@@ -63,107 +59,249 @@ def default_chunk_size(n: int, row_bytes: int, device_type: str = "cpu") -> int:
     return max(1, min(n, rows))
 
 
-def linear_logits(hidden, weight, bias, softcap, out=None):
-    """softcap(hidden @ weight.T + bias) into `out` (rows x V), as the unfused
-    model forms it: torch's matmul in the inputs' dtype, the cap c tanh(x / c)
-    applied in place."""
-    if bias is None:
+def _onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and bool(
+            torch.ops.mkldnn._linear_pointwise.default
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# oneDNN's float32 inner product (the op torch.compile's CPU backend forms
+# linear layers with), where this torch build has it.
+ONEDNN_LINEAR = _onednn_linear_available()
+
+
+def fresh_logits(hidden, weight, bias) -> bool:
+    """Whether a chunk's logits come from oneDNN's float32 inner product, as
+    a fresh tensor (no out= form), rather than torch's matmul into a reused
+    buffer: float32 CPU tensors, eager. On a 2-core AMD EPYC its brgemm formed
+    a 256-row chunk's logits in about 0.6x MKL's time (whose fp32 GEMM there
+    takes its generic path), and the fused-linear step went from 1.17-1.33x
+    the four matmuls alone to 0.85-1.03x; the same float32 rounding, MKL's
+    error about 2.6x smaller in the logits (4.2e-7 against 1.1e-6 relative)."""
+    return (
+        ONEDNN_LINEAR
+        and hidden.device.type == "cpu"
+        and hidden.dtype == weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def linear_logits(hidden, weight, bias, softcap=None, scale=1.0, out=None):
+    """softcap(scale * (hidden @ weight.T + bias)) into `out` (rows x V), as
+    the unfused model forms it: a matmul in the inputs' dtype (float32 on the
+    CPU: oneDNN's, into a fresh tensor, see fresh_logits), then the scale and
+    the cap c tanh(x / c), each applied in place."""
+    if fresh_logits(hidden, weight, bias):
+        logits = torch.ops.mkldnn._linear_pointwise(
+            hidden.contiguous(), weight, bias, "none", [], ""
+        )
+    elif bias is None:
         logits = torch.mm(hidden, weight.t(), out=out)
     else:
         logits = torch.addmm(bias, hidden, weight.t(), out=out)
+    if scale != 1.0:
+        logits.mul_(scale)
     if softcap is not None:
         logits.div_(softcap).tanh_().mul_(softcap)
     return logits
 
 
-class _DenseSource:
-    """What the dense teachers share: the dense kernel on a chunk's student
-    logits and the teacher's logits of the same rows (self.logits)."""
+class LinearStudent:
+    """The student side of the chunk loop: hidden states [N, H], weight
+    [V, H], bias [V] or None, and how its logits are formed (softcap, scale)."""
 
-    inplace = True  # may the kernel write the gradient over the student's logits
-    allocates = False  # does distill return a gradient of its own (no chunk buffer for it)
+    def __init__(self, hidden, weight, bias, softcap=None, scale=1.0):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.softcap, self.scale = softcap, scale
 
-    def distill(self, s, start, stop, buffer, y, grad_scale, options, mode, g_buffer):
-        """(hard_rows, soft_rows, gradient or None) of the chunk [start, stop)
-        whose student logits are s; mode: see _gradient_mode ("none": no
-        gradient)."""
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
+
+    def logits(self, start: int, stop: int, out=None) -> torch.Tensor:
+        h = self.hidden[start:stop]
+        return linear_logits(h, self.weight, self.bias, self.softcap, self.scale, out)
+
+    def to_matmul_gradient(self, g: torch.Tensor, s: torch.Tensor) -> None:
+        """g, the gradient of the chunk's logits s, becomes in place that of
+        hidden @ weight.T + bias (s is consumed when there is a softcap)."""
+        if self.softcap is not None:
+            # d/dx c tanh(x / c) = 1 - tanh^2 = 1 - (s / c)^2, from the capped
+            # logits themselves (their buffer is free once the kernel has run).
+            g.mul_(s.div_(self.softcap).square_().neg_().add_(1))
+        if self.scale != 1.0:
+            g.mul_(self.scale)
+
+    def label_logit(self, labels: torch.Tensor, offset: int):
+        """(the label's logit, 1.0) for rows whose label lies in this weight's
+        rows [offset, offset + V) (a vocabulary shard), else (0, 0)."""
+        width = self.vocab
+        local = labels - offset
+        inside = (local >= 0) & (local < width)
+        rows = local.clamp(0, width - 1)
+        logit = (self.hidden * self.weight[rows]).sum(-1)
+        if self.bias is not None:
+            logit = logit + self.bias[rows]
+        if self.scale != 1.0:
+            logit = logit * self.scale
+        if self.softcap is not None:
+            logit = self.softcap * torch.tanh(logit / self.softcap)
+        logit = logit.float()
+        return torch.where(inside, logit, torch.zeros_like(logit)), inside.float()
+
+
+class TeacherSource:
+    """What the chunk loop needs of a kind of teacher (one subclass a kind).
+
+    Per chunk of rows [start, stop) with student logits ``s``, :meth:`run`
+    returns the chunk's per-row hard and soft terms (float32), the gradient
+    of its loss with respect to ``s`` (times ``grad_scale``), and, when
+    ``entropy`` is asked for, the rows' student entropy (else None). The
+    gradient is written as ``mode`` says (:func:`gradient_mode`):
+
+    - ``"none"``: no gradient (None);
+    - ``"new"``: a fresh tensor;
+    - ``"inplace"``: over ``s`` itself (only where ``grad_over_logits``);
+    - ``"out"``: into ``grad_buffer``, a reused [chunk, V] buffer.
+
+    Class attributes: ``grad_over_logits``, whether the kernel may write the
+    gradient over the student's logits; ``own_gradient``, whether run()
+    always returns a gradient of its own (then the loop allocates no gradient
+    buffer and asks for mode "new"). :meth:`row_bytes` and :meth:`buffer`
+    size and make the teacher's own chunk buffer (its logits), if it has one.
+    """
+
+    grad_over_logits = False
+    own_gradient = False
+
+    def row_bytes(self) -> int:
+        """Bytes per row of the buffer :meth:`buffer` makes (0: none)."""
+        return 0
+
+    def buffer(self, rows: int):
+        """The teacher's chunk buffer for up to `rows` rows, or None."""
+        return None
+
+    def run(self, s, start, stop, buffer, labels, grad_scale, mode, grad_buffer, entropy=False):
+        raise NotImplementedError
+
+
+class DenseSource(TeacherSource):
+    """A teacher with dense logits per chunk (:meth:`logits`), run through the
+    dense kernel."""
+
+    grad_over_logits = True
+
+    def __init__(self, opts: LossOptions):
+        self.kernel_options = opts.kernel()
+
+    def logits(self, start: int, stop: int, buffer) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, s, start, stop, buffer, labels, grad_scale, mode, grad_buffer, entropy=False):
         t = self.logits(start, stop, buffer)
+        opts = dict(self.kernel_options, student_entropy=entropy)
         if mode in ("none", "new"):
-            return ops.distill_forward(s, t, y, grad_scale, **options, compute_grad=mode == "new")
-        if mode == "inplace":
-            return (*ops.distill_forward_inplace(s, t, y, grad_scale, **options), s)
-        g = g_buffer[: stop - start]
-        return (*ops.distill_forward_out(s, t, y, grad_scale, g, **options), g)
+            hard, soft, g, *ent = ops.distill_forward(
+                s, t, labels, grad_scale, **opts, compute_grad=mode == "new"
+            )
+        elif mode == "inplace":
+            hard, soft, *ent = ops.distill_forward_inplace(s, t, labels, grad_scale, **opts)
+            g = s
+        else:
+            g = grad_buffer[: stop - start]
+            hard, soft, *ent = ops.distill_forward_out(s, t, labels, grad_scale, g, **opts)
+        return hard, soft, g, (ent[0] if entropy else None)
 
 
-class _HiddenTeacher(_DenseSource):
+class HiddenTeacher(DenseSource):
     """The teacher's logits formed chunk by chunk from its hidden states and
     weight (no gradient: the teacher is a constant)."""
 
-    def __init__(self, hidden, weight, bias, softcap):
-        self.hidden, self.weight, self.bias, self.softcap = hidden, weight, bias, softcap
+    def __init__(self, opts, hidden, weight, bias, softcap=None, scale=1.0):
+        super().__init__(opts)
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.softcap, self.scale = softcap, scale
 
     def row_bytes(self) -> int:
         return self.weight.shape[0] * self.weight.element_size()
 
-    def buffer(self, rows: int) -> torch.Tensor:
+    def buffer(self, rows: int) -> torch.Tensor | None:
+        if fresh_logits(self.hidden, self.weight, self.bias):
+            return None  # every chunk's logits a fresh tensor
         return self.weight.new_empty(rows, self.weight.shape[0])
 
-    def logits(self, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
-        out = buffer[: stop - start]
-        return linear_logits(self.hidden[start:stop], self.weight, self.bias, self.softcap, out)
+    def logits(self, start: int, stop: int, buffer) -> torch.Tensor:
+        out = None if buffer is None else buffer[: stop - start]
+        h = self.hidden[start:stop]
+        return linear_logits(h, self.weight, self.bias, self.softcap, self.scale, out)
 
 
-class _LogitsTeacher(_DenseSource):
+class LogitsTeacher(DenseSource):
     """Dense teacher logits [N, V], read in place chunk by chunk."""
 
-    def __init__(self, logits):
-        self.logits2d = logits
-
-    def row_bytes(self) -> int:
-        return 0
-
-    def buffer(self, rows: int) -> None:
-        return None
+    def __init__(self, opts, logits):
+        super().__init__(opts)
+        self.all_logits = logits
 
     def logits(self, start: int, stop: int, buffer) -> torch.Tensor:
-        return self.logits2d[start:stop]
+        return self.all_logits[start:stop]
 
 
-class _SparseSource:
-    """A sparse teacher's [N, k] ids and log-probabilities (DESIGN.md section
-    6), read in place chunk by chunk by the sparse-teacher kernel."""
+class SparseSource(TeacherSource):
+    """A sparse teacher's ids and log-probabilities ([N, k], or ragged rows
+    with their offsets), read in place chunk by chunk by the sparse-teacher
+    kernel in their own dtypes."""
 
-    inplace = False
-    allocates = False
+    def __init__(self, opts: LossOptions, teacher: SparseTeacher):
+        flat = teacher.flatten()
+        self.indices, self.logprobs = flat.indices, flat.logprobs.detach()
+        self.offsets = flat.offsets
+        # The row bounds on the host, read once: each chunk slices its entries.
+        self._bounds = None if flat.offsets is None else flat.offsets.to("cpu")
+        self.kernel_options = dict(
+            opts.kernel(), tail=teacher.tail, store_temperature=teacher.store_temperature
+        )
 
-    def __init__(self, indices, logprobs, tail, store_temperature):
-        self.indices, self.logprobs = indices, logprobs
-        self.meta = dict(tail=tail, store_temperature=store_temperature)
+    def _rows(self, start, stop):
+        """Rows [start, stop): their ids, log-probs and (ragged) offsets from 0."""
+        if self.offsets is None:
+            return self.indices[start:stop], self.logprobs[start:stop], None
+        first, last = int(self._bounds[start]), int(self._bounds[stop])
+        offsets = self.offsets[start : stop + 1] - first
+        return self.indices[first:last], self.logprobs[first:last], offsets
 
-    def row_bytes(self) -> int:
-        return 0
-
-    def buffer(self, rows: int) -> None:
-        return None
-
-    def distill(self, s, start, stop, buffer, y, grad_scale, options, mode, g_buffer):
-        i, lp = self.indices[start:stop], self.logprobs[start:stop]
-        opts = {**options, **self.meta}
+    def run(self, s, start, stop, buffer, labels, grad_scale, mode, grad_buffer, entropy=False):
+        i, lp, offsets = self._rows(start, stop)
+        opts = dict(self.kernel_options, offsets=offsets)
         if mode in ("none", "new"):
-            return ops.sparse_distill_forward(
-                s, i, lp, y, grad_scale, **opts, compute_grad=mode == "new"
+            return (
+                *ops.sparse_distill_forward(
+                    s, i, lp, labels, grad_scale, **opts, compute_grad=mode == "new"
+                ),
+                None,
             )
-        g = g_buffer[: stop - start]
-        return (*ops.sparse_distill_forward_out(s, i, lp, y, grad_scale, g, **opts), g)
+        g = grad_buffer[: stop - start]
+        return (*ops.sparse_distill_forward_out(s, i, lp, labels, grad_scale, g, **opts), g, None)
 
 
-def _teacher_source(t_hidden, t_weight, t_bias, t_logits, t_cap, t_indices, t_logprobs, t_sparse):
-    if t_sparse is not None:
-        return _SparseSource(t_indices, t_logprobs, *t_sparse)
-    if t_logits is not None:
-        return _LogitsTeacher(t_logits)
-    return _HiddenTeacher(t_hidden, t_weight, t_bias, t_cap)
+def teacher_source(opts: LossOptions, lin: LinearOptions, teacher) -> TeacherSource:
+    """The source for a validated teacher: a SparseTeacher, dense logits
+    [N, V], or (hidden [N, H], weight, bias) of a model."""
+    if isinstance(teacher, SparseTeacher):
+        return SparseSource(opts, teacher)
+    if isinstance(teacher, torch.Tensor):
+        return LogitsTeacher(opts, teacher)
+    hidden, weight, bias = teacher
+    return HiddenTeacher(opts, hidden, weight, bias, lin.teacher_softcap, lin.teacher_logit_scale)
 
 
 def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -176,7 +314,7 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.mm(a, b))
 
 
-def _gradient_mode(device_type: str, s_cap, teacher) -> str:
+def gradient_mode(student: LinearStudent, teacher: TeacherSource) -> str:
     """Where the kernel writes a chunk's logits gradient: over the logits
     themselves where that kernel can ("inplace", the CPU's, and only without a
     student softcap, whose derivative needs the logits after the kernel), else
@@ -184,40 +322,52 @@ def _gradient_mode(device_type: str, s_cap, teacher) -> str:
     tensor ("new"): there the op that writes into a reused buffer gave wrong
     weight gradients (torch 2.13.0: test_compile_fullgraph), and a compiled
     graph plans its own buffers anyway."""
-    if torch.compiler.is_compiling() or teacher.allocates:
+    if torch.compiler.is_compiling() or teacher.own_gradient:
         return "new"
-    if s_cap is None and teacher.inplace and device_type in ops.INPLACE_DEVICES:
+    device_type = student.hidden.device.type
+    if student.softcap is None and teacher.grad_over_logits and device_type in ops.INPLACE_DEVICES:
         return "inplace"
     return "out"
 
 
-def _chunk_pass(
-    s_hidden,
-    s_weight,
-    s_bias,
-    s_cap,
+def chunk_rows(student: LinearStudent, teacher: TeacherSource, chunk_size) -> int:
+    """chunk_size, or the default for these buffers (the student's logits,
+    their gradient unless it overwrites them, and the teacher's buffer)."""
+    if chunk_size is not None:
+        return chunk_size
+    copies = 1 if gradient_mode(student, teacher) == "inplace" else 2
+    row_bytes = student.vocab * copies * student.weight.element_size() + teacher.row_bytes()
+    return default_chunk_size(student.rows, row_bytes, student.hidden.device.type)
+
+
+def chunk_pass(
+    student: LinearStudent,
+    teacher: TeacherSource,
     labels,
-    teacher,
-    kernel_options,
     chunk,
     grad_scale,
     row_weights,
     need,
+    entropy=False,
 ):
-    """The chunk loop: per-row hard and soft terms [N] (float32) and the
-    gradients named by need = (hidden, weight, bias) (else None).
+    """The chunk loop: per-row hard and soft terms [N] (float32), the
+    gradients named by need = (hidden, weight, bias) (else None) and, with
+    entropy, the rows' student entropy [N] (else None).
 
     grad_scale (0-d float32 or None) multiplies every row's gradient inside
     the kernel; row_weights ([N] float32 or None) each row's, after it."""
-    n, vocab = s_hidden.shape[0], s_weight.shape[0]
+    n, vocab = student.rows, student.vocab
+    s_hidden, s_weight = student.hidden, student.weight
     need_hidden, need_weight, need_bias = need
     compute_grad = need_hidden or need_weight or need_bias
-    mode = _gradient_mode(s_hidden.device.type, s_cap, teacher) if compute_grad else "none"
+    mode = gradient_mode(student, teacher) if compute_grad else "none"
     hard = s_hidden.new_empty(n, dtype=torch.float32)
     soft = s_hidden.new_empty(n, dtype=torch.float32)
+    ent = s_hidden.new_empty(n, dtype=torch.float32) if entropy else None
     rows = min(chunk, n)
-    s_buffer = s_hidden.new_empty(rows, vocab)
-    g_buffer = s_hidden.new_empty(rows, vocab) if compute_grad and mode == "out" else None
+    fresh = fresh_logits(s_hidden, s_weight, student.bias)
+    s_buffer = None if fresh else s_hidden.new_empty(rows, vocab)
+    g_buffer = s_hidden.new_empty(rows, vocab) if mode == "out" else None
     t_buffer = teacher.buffer(rows)
     grad_hidden = torch.empty_like(s_hidden) if need_hidden else None
     # float32 accumulators; a float32 weight accumulates into its own gradient.
@@ -225,31 +375,39 @@ def _chunk_pass(
     grad_bias = s_weight.new_zeros(vocab, dtype=torch.float32) if need_bias else None
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        h = s_hidden[start:stop]
-        s = linear_logits(h, s_weight, s_bias, s_cap, s_buffer[: stop - start])
+        s = student.logits(start, stop, None if fresh else s_buffer[: stop - start])
         y = None if labels is None else labels[start:stop]
-        hard[start:stop], soft[start:stop], g = teacher.distill(
-            s, start, stop, t_buffer, y, grad_scale, kernel_options, mode, g_buffer
+        hard[start:stop], soft[start:stop], g, e = teacher.run(
+            s, start, stop, t_buffer, y, grad_scale, mode, g_buffer, entropy
         )
-        if not compute_grad:
-            continue
-        if row_weights is not None:
-            g.mul_(row_weights[start:stop, None])
-        if s_cap is not None:
-            # d/dx c tanh(x / c) = 1 - tanh^2 = 1 - (s / c)^2, from the capped
-            # logits themselves (their buffer is free once the kernel has run).
-            g.mul_(s.div_(s_cap).square_().neg_().add_(1))
-        if grad_hidden is not None:
-            torch.mm(g, s_weight, out=grad_hidden[start:stop])
-        if grad_weight is not None:
-            _add_product(grad_weight, g.t(), h)
-        if grad_bias is not None:
-            grad_bias.add_(g.sum(0, dtype=torch.float32))
+        if entropy:
+            ent[start:stop] = e
+        if compute_grad:
+            _chunk_gradients(
+                student, g, s, start, stop, row_weights, grad_hidden, grad_weight, grad_bias
+            )
+        # A fresh chunk's logits (and the gradient over them) go before the
+        # next chunk's are formed: one student chunk alive at a time.
+        del s, g
     if grad_weight is not None:
         grad_weight = grad_weight.to(s_weight.dtype)
     if grad_bias is not None:
-        grad_bias = grad_bias.to(s_bias.dtype)
-    return hard, soft, (grad_hidden, grad_weight, grad_bias)
+        grad_bias = grad_bias.to(student.bias.dtype)
+    return hard, soft, (grad_hidden, grad_weight, grad_bias), ent
+
+
+def _chunk_gradients(student, g, s, start, stop, row_weights, grad_hidden, grad_weight, grad_bias):
+    """A chunk's logits gradient g (over its logits s) into the gradients of
+    the hidden states' rows, the weight and the bias."""
+    if row_weights is not None:
+        g.mul_(row_weights[start:stop, None])
+    student.to_matmul_gradient(g, s)
+    if grad_hidden is not None:
+        torch.mm(g, student.weight, out=grad_hidden[start:stop])
+    if grad_weight is not None:
+        _add_product(grad_weight, g.t(), student.hidden[start:stop])
+    if grad_bias is not None:
+        grad_bias.add_(g.sum(0, dtype=torch.float32))
 
 
 class _FusedLinearDistillFunction(torch.autograd.Function):
@@ -265,356 +423,117 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
         s_weight,
         s_bias,
         labels,
-        t_hidden,
-        t_weight,
-        t_bias,
-        t_logits,
-        t_indices,
-        t_logprobs,
-        t_sparse,
-        temperature,
-        alpha,
-        divergence,
-        beta,
-        reduction,
-        ignore_index,
-        scale_by_t2,
-        label_smoothing,
+        t0,
+        t1,
+        t2,
+        teacher_kind,
+        opts,
+        lin,
         num_items,
-        s_cap,
-        t_cap,
-        chunk_size,
-        need_hidden,
-        need_weight,
-        need_bias,
+        need,
     ):
-        teacher = _teacher_source(
-            t_hidden, t_weight, t_bias, t_logits, t_cap, t_indices, t_logprobs, t_sparse
+        t_tensors = (t0, t1, t2)
+        student = LinearStudent(
+            s_hidden, s_weight, s_bias, lin.student_softcap, lin.student_logit_scale
         )
-        n = s_hidden.shape[0]
-        if chunk_size is None:
-            # The student's logits, their gradient unless it overwrites them,
-            # and the teacher's logits.
-            mode = _gradient_mode(s_hidden.device.type, s_cap, teacher)
-            s_copies = 1 if mode == "inplace" else 2
-            row_bytes = s_weight.shape[0] * s_copies * s_weight.element_size()
-            chunk_size = default_chunk_size(
-                n, row_bytes + teacher.row_bytes(), s_hidden.device.type
-            )
-        kernel_options = dict(
-            temperature=temperature,
-            alpha=alpha,
-            divergence=divergence,
-            beta=beta,
-            ignore_index=ignore_index,
-            scale_by_t2=scale_by_t2,
-            label_smoothing=label_smoothing,
-        )
-        need = (need_hidden, need_weight, need_bias)
-        denom = counted_rows(labels, n, ignore_index, s_hidden.device, num_items)
-        grad_scale = denom.reciprocal() if reduction == "batchmean" else None
-        in_forward = need if reduction != "none" else (False, False, False)
-        hard, soft, grads = _chunk_pass(
-            s_hidden,
-            s_weight,
-            s_bias,
-            s_cap,
-            labels,
+        teacher = teacher_source(opts, lin, teacher_kind.rebuild(t_tensors))
+        chunk = chunk_rows(student, teacher, lin.chunk_size)
+        denom = counted_rows(labels, student.rows, opts.ignore_index, s_hidden.device, num_items)
+        in_forward = need if opts.reduction != "none" else (False, False, False)
+        hard, soft, grads, entropy = chunk_pass(
+            student,
             teacher,
-            kernel_options,
-            chunk_size,
-            grad_scale,
+            labels,
+            chunk,
+            grad_scale_of(opts.reduction, denom),
             None,
             in_forward,
+            opts.student_entropy,
         )
-        loss, hard, soft = combine_and_reduce(hard, soft, alpha, reduction, denom)
-        ctx.mark_non_differentiable(hard, soft)
-        ctx.reduction = reduction
-        if reduction == "none":
-            ctx.save_for_backward(
-                s_hidden,
-                s_weight,
-                s_bias,
-                labels,
-                t_hidden,
-                t_weight,
-                t_bias,
-                t_logits,
-                t_indices,
-                t_logprobs,
-            )
-            ctx.recompute = (s_cap, t_cap, t_sparse, kernel_options, chunk_size, need)
+        outputs = finish_outputs(ctx, hard, soft, entropy, opts.alpha, opts.reduction, denom)
+        ctx.reduction = opts.reduction
+        if opts.reduction == "none":
+            ctx.save_for_backward(s_hidden, s_weight, s_bias, labels, *t_tensors)
+            ctx.recompute = (teacher_kind, opts, lin, chunk, need)
         else:
             ctx.save_for_backward(*grads)
-        return loss, hard, soft
+        return outputs
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_hard, _grad_soft):
+    def backward(ctx, grad_loss, _grad_hard, _grad_soft, _grad_entropy):
         refuse_double_backward()
-        none = (None,) * 23
-        if ctx.reduction == "none":
-            s_hidden, s_weight, s_bias, labels, *t_tensors = ctx.saved_tensors
-            t_hidden, t_weight, t_bias, t_logits, t_indices, t_logprobs = t_tensors
-            s_cap, t_cap, t_sparse, kernel_options, chunk_size, need = ctx.recompute
-            teacher = _teacher_source(
-                t_hidden, t_weight, t_bias, t_logits, t_cap, t_indices, t_logprobs, t_sparse
-            )
-            _, _, grads = _chunk_pass(
-                s_hidden,
-                s_weight,
-                s_bias,
-                s_cap,
-                labels,
-                teacher,
-                kernel_options,
-                chunk_size,
-                None,
-                grad_loss.to(torch.float32),
-                need,
-            )
-            return grads + none
-        grads = ctx.saved_tensors
-        present = [g for g in grads if g is not None]
-        if present and upstream_is_one(grad_loss, present[0]):
-            return tuple(grads) + none
-        return tuple(None if g is None else scaled(g, grad_loss) for g in grads) + none
+        if ctx.reduction != "none":
+            return scaled_saved(ctx, grad_loss, ctx.saved_tensors)
+        s_hidden, s_weight, s_bias, labels, *t_tensors = ctx.saved_tensors
+        teacher_kind, opts, lin, chunk, need = ctx.recompute
+        student = LinearStudent(
+            s_hidden, s_weight, s_bias, lin.student_softcap, lin.student_logit_scale
+        )
+        teacher = teacher_source(opts, lin, teacher_kind.rebuild(t_tensors))
+        grads = chunk_pass(
+            student, teacher, labels, chunk, None, grad_loss.to(torch.float32), need
+        )[2]
+        return none_after(ctx, grads)
 
 
-def fused_linear_distill_loss(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_weight: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    student_bias: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | SparseTeacher | None = None,
-    temperature: float = 2.0,
-    alpha: float = 0.5,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    label_smoothing: float = 0.0,
-    backend: str = "auto",
-    teacher_vocab: str = "exact",
-    num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    student_softcap: float | None = None,
-    teacher_softcap: float | None = None,
-    process_group=None,
-    return_components: bool = False,
+class TeacherTensors:
+    """A validated teacher taken apart into three tensor slots (what autograd
+    takes as inputs and saves; None where unused) and its kind, and put back
+    together: a SparseTeacher, dense logits, or a model's (hidden, weight,
+    bias)."""
+
+    def __init__(self, teacher):
+        if isinstance(teacher, SparseTeacher):
+            self.kind = ("sparse", teacher.tail, teacher.store_temperature)
+            self.tensors = (teacher.indices, teacher.logprobs.detach(), teacher.offsets)
+        elif isinstance(teacher, torch.Tensor):
+            self.kind = ("logits",)
+            self.tensors = (teacher.detach(), None, None)
+        else:
+            self.kind = ("hidden",)
+            self.tensors = tuple(None if x is None else x.detach() for x in teacher)
+
+    def rebuild(self, tensors):
+        if self.kind[0] == "sparse":
+            return SparseTeacher(
+                tensors[0], tensors[1], self.kind[1], self.kind[2], offsets=tensors[2]
+            )
+        if self.kind[0] == "logits":
+            return tensors[0]
+        return tuple(tensors)
+
+
+def linear_loss(
+    s_hidden,
+    s_weight,
+    s_bias,
+    labels,
+    teacher,
+    opts: LossOptions,
+    lin: LinearOptions,
+    num_items_in_batch,
 ):
-    r"""The distillation loss of :func:`kdfused.fused_distill_loss` with the
-    logits formed from hidden states, chunk by chunk (never all N x V at once).
-
-    The student's logits are ``softcap(student_hidden @ student_weight.T +
-    student_bias)`` (``softcap(x) = c tanh(x / c)`` with ``c =
-    student_softcap``, the identity when None), the teacher's likewise from
-    ``teacher_hidden`` / ``teacher_weight`` / ``teacher_bias`` /
-    ``teacher_softcap``, or given whole as ``teacher_logits``: exactly one of
-    the two sources.
-
-    Args:
-        student_hidden: ``[..., Hs]`` float32/float16/bfloat16; gets a gradient.
-        student_weight: ``[V, Hs]`` (an ``nn.Linear`` lm_head's ``.weight``),
-            same dtype; gets a gradient, accumulated over the chunks in float32
-            and rounded to its dtype once. ``student_bias`` ``[V]`` likewise.
-        labels: int64 ``[...]`` (the hidden states' leading dims), or None.
-        teacher_hidden, teacher_weight, teacher_bias: ``[..., Ht]``, ``[V, Ht]``,
-            ``[V]``; treated as constants.
-        teacher_logits: ``[..., V]``, instead of the teacher's hidden states;
-            or a :class:`kdfused.SparseTeacher` (stored top-k log-probabilities,
-            DESIGN.md section 6), read by the sparse-teacher kernel chunk by
-            chunk.
-        teacher_vocab: ``"truncate"`` takes a wider teacher's first V rows of
-            its weight and bias (or columns of its logits), views, no copies.
-        num_items_in_batch: the batchmean divisor, as in
-            :func:`kdfused.fused_distill_loss`.
-        chunk_size: rows per chunk; None picks it so that one chunk's buffers
-            take at most 64 MiB on the CPU, 256 MiB on a GPU
-            (:data:`CHUNK_BUDGET_BYTES`). The result does not depend on it
-            beyond rounding.
-        process_group: a ``torch.distributed`` group over which the lm_heads
-            are column-parallel (DESIGN.md section 7): each rank passes its
-            rows ``[V_r, H]`` of both weights (and biases, or its shard of
-            ``teacher_logits``), in group-rank order, and the same hidden
-            states and labels (global ids). Every rank gets the whole
-            vocabulary's loss, its rows' weight and bias gradients, and its
-            shard's part of the hidden states' gradient (summed over the group
-            by the layer that feeds the lm_head, as in Megatron-LM). One
-            all_gather of per-row statistics per forward (two for ``"jsd"``);
-            each chunk's logits are formed twice, once per phase.
-        The other options are :func:`kdfused.fused_distill_loss`'s.
-
-    Returns:
-        The float32 loss, or a :class:`DistillLossOutput`. The gradients are
-        formed in the forward call; backward scales them (with
-        ``reduction="none"`` it runs the chunk loop again, with the per-row
-        upstream gradient).
-    """
-    options = dict(
-        temperature=temperature,
-        alpha=alpha,
-        divergence=divergence,
-        beta=beta,
-        reduction=reduction,
-        ignore_index=ignore_index,
-        scale_by_t2=scale_by_t2,
-        label_smoothing=label_smoothing,
-    )
-    validate_options(**options, backend=backend, teacher_vocab=teacher_vocab)
-    validate_num_items(num_items_in_batch, reduction)
-    validate_linear_options(
-        chunk_size=chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap
-    )
-    validate_linear_tensors(
-        student_hidden,
-        student_weight,
-        labels,
-        student_bias=student_bias,
-        teacher_hidden=teacher_hidden,
-        teacher_weight=teacher_weight,
-        teacher_bias=teacher_bias,
-        teacher_logits=teacher_logits,
-        alpha=alpha,
-        teacher_vocab=teacher_vocab,
-    )
-    vocab = student_weight.shape[0]
-    sparse_teacher = teacher_logits if isinstance(teacher_logits, SparseTeacher) else None
-    if sparse_teacher is not None:
-        validate_sparse_teacher(
-            student_hidden.shape[:-1],
-            student_hidden.device,
-            sparse_teacher,
-            divergence=divergence,
-            teacher_vocab=teacher_vocab,
-            what=f"student_hidden {tuple(student_hidden.shape)}",
-        )
-    elif teacher_logits is not None:
-        teacher_logits = teacher_columns(teacher_logits, vocab)
-    else:
-        teacher_weight = teacher_columns(teacher_weight, vocab, dim=0)
-        if teacher_bias is not None:
-            teacher_bias = teacher_columns(teacher_bias, vocab, dim=0)
-    for name in ("temperature", "alpha", "beta", "label_smoothing"):
-        options[name] = float(options[name])
-    options["ignore_index"] = int(ignore_index)
-    caps = dict(
-        student_softcap=None if student_softcap is None else float(student_softcap),
-        teacher_softcap=None if teacher_softcap is None else float(teacher_softcap),
-    )
-    if process_group is not None:
-        from .parallel import split_over
-
-        process_group = split_over(process_group)
-    if process_group is not None:
-        if sparse_teacher is not None or teacher_vocab != "exact":
-            raise NotImplementedError(
-                "kdfused: a process_group (vocab-parallel) with a sparse teacher or "
-                "teacher_vocab='truncate' is not supported yet"
-            )
-        if choose_backend(backend, student_hidden.device) != "kernel":
-            raise RuntimeError(
-                "kdfused: the vocab-parallel loss (process_group) needs the compiled kernels"
-            )
-    if choose_backend(backend, student_hidden.device) == "reference":
-        return reference.fused_linear_distill_loss(
-            student_hidden,
-            student_weight,
-            labels,
-            teacher_hidden=teacher_hidden,
-            teacher_weight=teacher_weight,
-            teacher_bias=teacher_bias,
-            student_bias=student_bias,
-            teacher_logits=teacher_logits,
-            num_items_in_batch=num_items_in_batch,
-            return_components=return_components,
-            **options,
-            **caps,
-        )
-    kernel_dtype_check("student_hidden", student_hidden)
-    if sparse_teacher is None:
-        kernel_dtype_check(
-            *(
-                ("teacher_logits", teacher_logits)
-                if teacher_logits is not None
-                else ("teacher_hidden", teacher_hidden)
-            )
-        )
-
-    hs = student_hidden.shape[-1]
-    lead = student_hidden.shape[:-1]
-    s_hidden = student_hidden.reshape(-1, hs)
-    t_hidden = (
-        None
-        if teacher_hidden is None
-        else teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-    )
-    t_logits = t_indices = t_logprobs = t_sparse = None
-    if sparse_teacher is not None:
-        flat = sparse_teacher.flatten()
-        t_indices, t_logprobs = flat.indices, flat.logprobs.detach()
-        t_sparse = (sparse_teacher.tail, sparse_teacher.store_temperature)
-    elif teacher_logits is not None:
-        t_logits = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    detach = lambda x: None if x is None else x.detach()  # noqa: E731
-    flat_labels = None if labels is None else labels.reshape(-1)
+    """(loss, hard, soft, entropy) from validated ``[N, H]`` student hidden
+    states, its weight and bias, ``[N]`` labels (or None) and a teacher: a
+    SparseTeacher of N rows, dense logits [N, V], or a model's (hidden
+    [N, Ht], weight, bias); entropy None unless opts.student_entropy."""
     grad_on = torch.is_grad_enabled()
-    needs = (
-        grad_on and student_hidden.requires_grad,
-        grad_on and student_weight.requires_grad,
-        grad_on and student_bias is not None and student_bias.requires_grad,
+    need = (
+        grad_on and s_hidden.requires_grad,
+        grad_on and s_weight.requires_grad,
+        grad_on and s_bias is not None and s_bias.requires_grad,
     )
-    if process_group is not None:
-        from . import parallel
-
-        kernel_options = {k: v for k, v in options.items() if k != "reduction"}
-        args = (
-            kernel_options,
-            reduction,
-            num_items_in_batch,
-            caps["student_softcap"],
-            caps["teacher_softcap"],
-            chunk_size,
-            process_group,
-            needs,
-        )
-        loss, hard, soft = parallel.vocab_parallel_linear_loss(
-            s_hidden,
-            student_weight,
-            student_bias,
-            flat_labels,
-            t_hidden,
-            detach(teacher_weight),
-            detach(teacher_bias),
-            t_logits,
-            args=args,
-        )
-    else:
-        loss, hard, soft = _FusedLinearDistillFunction.apply(
-            s_hidden,
-            student_weight,
-            student_bias,
-            flat_labels,
-            t_hidden,
-            detach(teacher_weight),
-            detach(teacher_bias),
-            t_logits,
-            t_indices,
-            t_logprobs,
-            t_sparse,
-            *options.values(),
-            num_items_in_batch,
-            caps["student_softcap"],
-            caps["teacher_softcap"],
-            chunk_size,
-            *needs,
-        )
-    if reduction == "none":
-        loss, hard, soft = loss.reshape(lead), hard.reshape(lead), soft.reshape(lead)
-    if return_components:
-        return DistillLossOutput(loss, hard, soft)
-    return loss
+    parts = TeacherTensors(teacher)
+    outputs = _FusedLinearDistillFunction.apply(
+        s_hidden,
+        s_weight,
+        s_bias,
+        labels,
+        *parts.tensors,
+        parts,
+        opts,
+        lin,
+        num_items_in_batch,
+        need,
+    )
+    return entropy_or_none(outputs, opts.student_entropy)

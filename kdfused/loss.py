@@ -6,13 +6,12 @@ import torch
 
 from ._types import SparseTeacher
 from ._validation import validate_linear_options, validate_options
-from .functional import fused_distill_loss
-from .fused_linear import fused_linear_distill_loss
+from .functional import fused_distill_loss, fused_linear_distill_loss
 
 
 class _DistillOptions(torch.nn.Module):
-    """Holds the options of DESIGN.md section 2, checked at construction (not
-    at the first training step)."""
+    """Holds the loss options, checked at construction (not at the first
+    training step)."""
 
     def __init__(
         self,
@@ -133,7 +132,7 @@ class FusedDistillLoss(_DistillOptions):
             label_smoothing,
         )
         # A torch.distributed group over which the vocabulary is split (the
-        # logits are each rank's shard; DESIGN.md section 7), or None.
+        # logits are each rank's shard), or None.
         self.process_group = process_group
 
     def forward(
@@ -144,6 +143,7 @@ class FusedDistillLoss(_DistillOptions):
         return_components: bool = False,
         *,
         num_items_in_batch: int | torch.Tensor | None = None,
+        student_entropy: bool = False,
     ):
         return fused_distill_loss(
             student_logits,
@@ -152,6 +152,7 @@ class FusedDistillLoss(_DistillOptions):
             num_items_in_batch=num_items_in_batch,
             process_group=self.process_group,
             return_components=return_components,
+            student_entropy=student_entropy,
             **self.options(),
         )
 
@@ -161,7 +162,7 @@ class FusedLinearDistillLoss(_DistillOptions):
     (lm_head) weights, never holding the [N, V] logits: the logits are formed
     chunk by chunk, each chunk's loss and gradients computed by the fused
     kernel, and the gradients of the hidden states, weight and bias formed from
-    them (DESIGN.md section 5).
+    them.
 
     The arguments come in the order of Liger-Kernel's ``LigerFusedLinearJSDLoss``::
 
@@ -174,9 +175,10 @@ class FusedLinearDistillLoss(_DistillOptions):
                        teacher_logits=kdfused.sparse.load(store, rows))  # stored top-k
 
     Options as :class:`FusedDistillLoss`, plus ``chunk_size`` (rows per chunk;
-    None: within a 64 MiB budget on the CPU,
-    256 MiB on a GPU) and ``student_softcap`` / ``teacher_softcap``
-    (Gemma-2's final logit softcapping, c tanh(x / c)). See
+    None: within a 64 MiB budget on the CPU, 256 MiB on a GPU),
+    ``student_softcap`` / ``teacher_softcap`` (Gemma-2's final logit
+    softcapping, c tanh(x / c)) and ``student_logit_scale`` /
+    ``teacher_logit_scale`` (a multiplier of the logits before the cap). See
     :func:`kdfused.fused_linear_distill_loss`.
     """
 
@@ -196,6 +198,8 @@ class FusedLinearDistillLoss(_DistillOptions):
         student_softcap: float | None = None,
         teacher_softcap: float | None = None,
         process_group=None,
+        student_logit_scale: float = 1.0,
+        teacher_logit_scale: float = 1.0,
     ):
         super().__init__(
             temperature,
@@ -210,12 +214,18 @@ class FusedLinearDistillLoss(_DistillOptions):
             label_smoothing,
         )
         validate_linear_options(
-            chunk_size=chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap
+            chunk_size=chunk_size,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
+            student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale,
         )
         self.chunk_size = chunk_size
         self.student_softcap = student_softcap
         self.teacher_softcap = teacher_softcap
-        self.process_group = process_group  # column-parallel lm_heads (DESIGN.md section 7)
+        self.student_logit_scale = student_logit_scale
+        self.teacher_logit_scale = teacher_logit_scale
+        self.process_group = process_group  # column-parallel lm_heads
 
     def forward(
         self,
@@ -228,8 +238,10 @@ class FusedLinearDistillLoss(_DistillOptions):
         teacher_bias: torch.Tensor | None = None,
         *,
         teacher_logits: torch.Tensor | SparseTeacher | None = None,
+        teacher: SparseTeacher | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         return_components: bool = False,
+        student_entropy: bool = False,
     ):
         return fused_linear_distill_loss(
             student_hidden,
@@ -240,22 +252,28 @@ class FusedLinearDistillLoss(_DistillOptions):
             teacher_bias=teacher_bias,
             student_bias=student_bias,
             teacher_logits=teacher_logits,
+            teacher=teacher,
             chunk_size=self.chunk_size,
             student_softcap=self.student_softcap,
             teacher_softcap=self.teacher_softcap,
+            student_logit_scale=self.student_logit_scale,
+            teacher_logit_scale=self.teacher_logit_scale,
             num_items_in_batch=num_items_in_batch,
             process_group=self.process_group,
             return_components=return_components,
+            student_entropy=student_entropy,
             **self.options(),
         )
 
     def extra_repr(self) -> str:
         caps = "".join(
             f", {name}={value}"
-            for name, value in (
-                ("student_softcap", self.student_softcap),
-                ("teacher_softcap", self.teacher_softcap),
+            for name, value, default in (
+                ("student_softcap", self.student_softcap, None),
+                ("teacher_softcap", self.teacher_softcap, None),
+                ("student_logit_scale", self.student_logit_scale, 1.0),
+                ("teacher_logit_scale", self.teacher_logit_scale, 1.0),
             )
-            if value is not None
+            if value != default
         )
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}{caps}"

@@ -1,58 +1,108 @@
-"""The vocab-parallel loss (DESIGN.md section 7): logits split over the ranks
-of a torch.distributed group by vocabulary, as a tensor-parallel lm_head
-(column-parallel) leaves them.
+"""The vocab-parallel capability (docs/design.md, "Vocab-parallel"): logits
+split over the ranks of a torch.distributed group by vocabulary, as a
+tensor-parallel lm_head (column-parallel) leaves them.
 
 Each rank holds a contiguous shard of every row, in group-rank order; shards
-may differ in size; labels are global ids. The fused kernel runs in three
-phases (csrc/parallel_op.h): each rank reduces its shard to per-row
-statistics (12 floats a row), the ranks exchange those in one all_gather, and
-every rank merges them in rank order (the same bits on every rank), finishes
-the row's loss, and writes its shard's gradient from the merged constants.
-JSD needs its mixture's two sums over the whole row, which need the merged
-statistics first: a second all_gather of 2 floats a row. Nothing crosses in
-backward, and the logits never do.
+may differ in size; labels and a sparse teacher's ids are global ids. Every
+forward starts with one fixed-size exchange, the agreement
+(:class:`Agreement`): each rank's shard width and a fingerprint of everything
+that must be the same on every rank (rows, labels in order, options, dtypes,
+num_items_in_batch, a sparse teacher, the hidden states of a fused-linear
+loss). Ranks that disagree, or a rank whose inputs were rejected, raise
+together, before anything whose size depends on the inputs crosses; the
+widths give every rank its column offset.
 
-The exchanged tensor carries one more row: a fingerprint of the options,
-labels and shard width, so that ranks that disagree raise the same error
-together (none is left waiting in a collective). A rank's column offset comes
-from the other ranks' widths, learnt in the exchange and remembered per
-group; the first call with a group (or after its layout changed) cannot know
-it in advance and exchanges the label's logit in a second collective.
+Then the kernel runs in phases (csrc/parallel_op.h, csrc/sparse_op.h):
+each rank reduces its shard to per-row statistics, the ranks exchange those
+in one all_gather, and every rank merges them in rank order (the same bits on
+every rank), finishes the row's loss, and writes its shard's gradient from
+the merged row. With dense teacher logits the statistics are 12 floats a row,
+and JSD needs its mixture's two sums over the whole row after the merge: a
+second all_gather of 2 floats a row. With a sparse teacher they are 8 floats
+and the student's logits at the teacher's kept ids (k a row, each from the
+rank that holds the id), after which the k + 1 buckets are complete on every
+rank: one exchange for every divergence. Nothing crosses in backward, and the
+logits never do.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 
 from . import ops
-from ._validation import DIVERGENCES, REDUCTIONS
-from .functional import (
+from ._autograd import (
     SavedGradientFunction,
-    combine_and_reduce,
     counted_rows,
+    entropy_or_none,
+    finish_outputs,
+    grad_scale_of,
+    none_after,
     refuse_double_backward,
-    scaled,
-    upstream_is_one,
+    scaled_saved,
+)
+from ._types import SparseTeacher
+from ._validation import DIVERGENCES, REDUCTIONS, TAILS, TEACHER_VOCABS, LinearOptions, LossOptions
+from .fused_linear import (
+    LinearStudent,
+    TeacherSource,
+    TeacherTensors,
+    chunk_pass,
+    default_chunk_size,
+    teacher_source,
 )
 
-STATS = 12  # floats per row of a rank's statistics (ShardStats)
-FINGERPRINT = (
-    "temperature",
-    "alpha",
-    "beta",
-    "divergence",
-    "ignore_index",
-    "scale_by_t2",
-    "label_smoothing",
-    "reduction",
-    "rows",
-    "labels",
-    "label checksum",
-)  # and, last, the rank's own shard width (which may differ)
 
-# The shard widths of each group's ranks, as learnt from the last exchange.
-_layouts: dict = {}
+def split_over(group):
+    """The group if the vocabulary is split over more than one rank, else None
+    (a group of one: the plain loss, the same numbers and no collective)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
+def from_dtensors(student, teacher, labels, process_group):
+    """DTensor logits with a Shard(-1) placement: their local shards and the
+    group of the mesh dim they are sharded over. A teacher or labels given as
+    DTensor too are read likewise (labels replicated); plain ones are taken as
+    they are."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # a torch built without distributed
+        return student, teacher, labels, process_group
+    if not isinstance(student, DTensor):
+        if isinstance(teacher, DTensor) or isinstance(labels, DTensor):
+            raise TypeError("kdfused: a DTensor teacher or labels need DTensor student logits")
+        return student, teacher, labels, process_group
+    dims = [
+        i
+        for i, p in enumerate(student.placements)
+        if isinstance(p, Shard) and p.dim in (-1, student.dim() - 1)
+    ]
+    if len(dims) != 1 or len(student.placements) != 1:
+        raise ValueError(
+            "kdfused: DTensor logits must be sharded over the vocabulary (the last dim) on a "
+            f"1-D mesh, placements Shard(-1); got {student.placements}"
+        )
+    group = student.device_mesh.get_group(dims[0])
+    if process_group is not None and process_group != group:
+        raise ValueError("kdfused: process_group differs from the DTensor logits' mesh group")
+    if isinstance(teacher, DTensor):
+        if teacher.placements != student.placements or teacher.shape != student.shape:
+            raise ValueError(
+                "kdfused: DTensor teacher logits must have the student's shape and placements, "
+                f"got {tuple(teacher.shape)} {teacher.placements} and {tuple(student.shape)} "
+                f"{student.placements}"
+            )
+        teacher = teacher.to_local()
+    if isinstance(labels, DTensor):
+        labels = labels.full_tensor()
+    return student.to_local(), teacher, labels, group
+
+
+# ---- the collectives ---------------------------------------------------------
 
 
 class Exchange:
@@ -72,271 +122,479 @@ class Exchange:
         return out.view(self.world, *x.shape)
 
 
-def _fingerprint(n, width, labels, options, reduction, device) -> torch.Tensor:
-    """What every rank must agree on, and last its own shard width, as 12
-    floats (exact in float32 for the values options take)."""
-    ignore_index = options["ignore_index"]
-    if labels is None:
-        count, checksum = 0.0, 0.0
-    else:
-        count = 1.0 + float((labels != ignore_index).sum())
-        checksum = float((labels.to(torch.int64) % 65521).sum() % 65521)
-    values = [
-        options["temperature"],
-        options["alpha"],
-        options["beta"],
-        float(DIVERGENCES.index(options["divergence"])),
-        float(ignore_index % 65521),
-        float(options["scale_by_t2"]),
-        options["label_smoothing"],
-        float(REDUCTIONS.index(reduction)),
-        float(n),
-        count,
-        checksum,
-        float(width),
-    ]
-    return torch.tensor(values, dtype=torch.float32, device=device)
+# ---- the agreement ---------------------------------------------------------------
 
-
-def _check_agreement(fingerprints: torch.Tensor) -> list[int]:
-    """The ranks' shard widths; raises the same ValueError on every rank if
-    the ranks disagree on anything else."""
-    widths = [int(w) for w in fingerprints[:, -1].tolist()]
-    fingerprints = fingerprints[:, :-1]
-    first = fingerprints[0]
-    for r in range(1, fingerprints.shape[0]):
-        differ = (fingerprints[r] != first).nonzero()
-        if differ.numel():
-            field = FINGERPRINT[int(differ[0, 0])]
-            raise ValueError(
-                f"kdfused: the ranks of the process group disagree on {field}: rank 0 has "
-                f"{float(first[differ[0, 0]])}, rank {r} has {float(fingerprints[r, differ[0, 0]])}"
-                " (every rank must pass the same options, rows and labels)"
-            )
-    if min(widths) < 1:
-        raise ValueError(f"kdfused: every rank's shard needs at least one column, got {widths}")
-    return widths
-
-
-def _label_logits(student, labels, offset: int):
-    """(the label's logit, 1.0) where the label lies in this shard, else (0, 0)."""
-    width = student.shape[1]
-    local = labels - offset
-    inside = (local >= 0) & (local < width)
-    picked = student.gather(1, local.clamp(0, width - 1)[:, None])[:, 0].float()
-    return torch.where(inside, picked, torch.zeros_like(picked)), inside.float()
-
-
-class RowExchange:
-    """One forward's exchange of per-row statistics over a group, in the
-    order the phases need it: guess this rank's columns from the remembered
-    layout (the statistics phase needs the offset to find the label), exchange
-    and merge, then JSD's sums. The vocab-parallel losses (logits here, the
-    fused-linear chunk loop in kdfused.fused_linear) share it.
-
-    labels: [N] global ids or None; width: this rank's shard width."""
-
-    def __init__(self, group, n, width, labels, options, reduction):
-        self.ex = Exchange(group)
-        self.group, self.n, self.width = group, n, width
-        self.labels, self.options, self.reduction = labels, options, reduction
-        layout = _layouts.get(group)
-        self.known = layout is not None and len(layout) == self.ex.world
-        self.known = self.known and layout[self.ex.rank] == width
-        self.guessed = layout if self.known else None
-        self.offset = sum(layout[: self.ex.rank]) if self.known else 0
-        self.vocab = sum(layout) if self.known else max(width, 1)
-        # Nothing may raise on one rank before the exchange (the others would
-        # wait in it): labels outside the vocabulary are clamped for the
-        # statistics (which they do not change) and reported after it.
-        ignore_index = options["ignore_index"]
-        self.safe_labels = labels
-        if labels is not None:
-            clamped = labels.clamp(0, self.vocab - 1)
-            self.safe_labels = torch.where(labels == ignore_index, labels, clamped)
-
-    def phase_options(self) -> dict:
-        """The phase ops' options: the loss options, column_offset, vocab."""
-        return dict(self.options, column_offset=self.offset, vocab=self.vocab)
-
-    def merge(self, stats, label_logits, device):
-        """(consts [N, 11], hard, soft) from this rank's [N, 12] statistics
-        (computed with phase_options() and safe_labels; None when width is 0).
-        label_logits(offset) gives (the label's logit, 1.0) where the label
-        lies in [offset, offset + width), else (0, 0): called only when the
-        offset was not known in advance."""
-        n, labels, options = self.n, self.labels, self.options
-        ignore_index = options["ignore_index"]
-        if stats is None:  # an empty shard: refused by every rank together, below
-            stats = torch.zeros(n, STATS, device=device)
-        if not self.known and labels is not None:
-            stats[:, 10] = 0.0  # the label's owner is not known yet
-        fingerprint = _fingerprint(n, self.width, labels, options, self.reduction, device)
-        gathered = self.ex.all_gather(torch.cat([stats, fingerprint[None]]))
-        layout = tuple(_check_agreement(gathered[:, n]))
-        shards = gathered[:, :n].contiguous()
-        self.vocab = sum(layout)
-        self.offset = sum(layout[: self.ex.rank])
-        if labels is not None:
-            bad = (labels != ignore_index) & ((labels < 0) | (labels >= self.vocab))
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"kdfused: labels[{i}] = {int(labels[i])} is outside the group's vocabulary "
-                    f"[0, {self.vocab}) (shards of {list(layout)} columns) and is not "
-                    f"ignore_index = {ignore_index}"
-                )
-        if labels is not None and self.guessed != layout:
-            # The offsets used before the exchange were unknown or stale: the
-            # label's logit crosses once more (every rank decides alike).
-            shards[:, :, 9:11] = self.ex.all_gather(torch.stack(label_logits(self.offset), 1))
-        _layouts[self.group] = layout
-        merge_options = {k: options[k] for k in _MERGE_OPTIONS}
-        return ops.distill_merge(shards, labels, **merge_options)
-
-    def jsd_finish(self, consts, sums):
-        """(consts, soft) once every rank's [N, 2] JSD sums are in."""
-        return ops.distill_jsd_finish(
-            consts,
-            self.ex.all_gather(sums),
-            self.labels,
-            temperature=self.options["temperature"],
-            beta=self.options["beta"],
-            ignore_index=self.options["ignore_index"],
-            scale_by_t2=self.options["scale_by_t2"],
-        )
-
-
-class _VocabParallelFunction(SavedGradientFunction):
-    """Forward: statistics phase, one exchange, merge (JSD: its sums and a
-    second exchange), gradient phase. Backward scales the saved gradient."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, labels, options, reduction, num_items, group, compute_grad):
-        n, width = student.shape
-        rx = RowExchange(group, n, width, labels, options, reduction)
-        stats = None
-        if width:
-            stats = ops.distill_stats(student, teacher, rx.safe_labels, **rx.phase_options())
-        consts, hard, soft = rx.merge(
-            stats, lambda offset: _label_logits(student, labels, offset), student.device
-        )
-        if options["divergence"] == "jsd":
-            sums = ops.distill_jsd_sums(
-                student, teacher, labels, consts=consts, **rx.phase_options()
-            )
-            consts, soft = rx.jsd_finish(consts, sums)
-        denom = counted_rows(labels, n, options["ignore_index"], student.device, num_items)
-        if compute_grad:
-            scale = denom.reciprocal() if reduction == "batchmean" else None
-            grad = ops.distill_grad(
-                student, teacher, labels, scale, consts=consts, **rx.phase_options()
-            )
-        else:
-            grad = student.new_empty(0)
-        alpha = options["alpha"]
-        return SavedGradientFunction.finish(ctx, hard, soft, grad, alpha, reduction, denom, 8)
-
-
-_MERGE_OPTIONS = (
-    "temperature",
-    "alpha",
-    "divergence",
-    "beta",
-    "ignore_index",
-    "scale_by_t2",
-    "label_smoothing",
+# Order-sensitive hashes of integer tensors: sum_i (x_i mod P) w_i mod P with
+# per-position weights w_i = (a i + b) mod P, P = 2^31 - 1: exact in int64
+# (products < 2^62) and in the float64 the agreement travels in.
+_P = 2**31 - 1
+_HASHES = ((48271, 11), (69621, 7919))
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KINDS = (
+    "fused_distill_loss, dense teacher logits",
+    "fused_distill_loss, a SparseTeacher",
+    "fused_linear_distill_loss, teacher hidden states",
+    "fused_linear_distill_loss, teacher logits",
+    "fused_linear_distill_loss, a SparseTeacher",
 )
 
 
-def vocab_parallel_loss(
-    student, teacher, labels, *, process_group, options, reduction, num_items_in_batch
-):
-    """(loss, hard, soft) of [N, V_r] shards (validated by the caller):
-    every rank gets the whole vocabulary's loss and its shard's gradient."""
-    compute_grad = torch.is_grad_enabled() and student.requires_grad
-    return _VocabParallelFunction.apply(
-        student,
-        teacher.detach(),
-        labels,
-        options,
-        reduction,
-        num_items_in_batch,
-        process_group,
-        compute_grad,
+def _hashes(x: torch.Tensor) -> list[torch.Tensor]:
+    """Two order-sensitive hashes of an integer (or bit-viewed float) tensor,
+    as 0-d float64 tensors on its device."""
+    v = x.reshape(-1).to(torch.int64).remainder(_P)
+    i = torch.arange(v.numel(), device=v.device, dtype=torch.int64)
+    return [((v * ((a * i + b) % _P)) % _P).sum().remainder(_P).double() for a, b in _HASHES]
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """A floating tensor's bits as integers (int16 / int32 / int64 views)."""
+    kind = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    return x.detach().contiguous().view(kind)
+
+
+def _dtype_code(x) -> float:
+    return float(_DTYPES.index(x.dtype)) if x is not None and x.dtype in _DTYPES else -1.0
+
+
+def _name(choices):
+    return lambda v: repr(choices[int(v)]) if 0 <= int(v) < len(choices) else "?"
+
+
+def _number(v) -> str:
+    return repr(int(v)) if float(v).is_integer() and abs(v) < 2**53 else repr(float(v))
+
+
+def _optional(v) -> str:
+    return "None" if math.isnan(v) else _number(v)
+
+
+def _yes_no(v) -> str:
+    return "True" if v else "False"
+
+
+# (field, how a value is shown, what the user should know); "hash" fields are
+# compared, never shown.
+_FIELDS = (
+    ("call", _name(_KINDS), "every rank must call the same loss with the same kind of teacher"),
+    ("rows", _number, "every rank passes the same positions"),
+    ("temperature", _number, None),
+    ("alpha", _number, None),
+    ("beta", _number, None),
+    ("divergence", _name(DIVERGENCES), None),
+    ("reduction", _name(REDUCTIONS), None),
+    ("ignore_index", _number, None),
+    ("scale_by_t2", _yes_no, None),
+    ("label_smoothing", _number, None),
+    ("teacher_vocab", _name(TEACHER_VOCABS), None),
+    ("the student's dtype", _name(_DTYPES), None),
+    ("the teacher's dtype", _name(_DTYPES), None),
+    ("labels given", _yes_no, None),
+    ("labels", "hash", "every rank passes the same labels, in the same order"),
+    ("labels", "hash", "every rank passes the same labels, in the same order"),
+    ("num_items_in_batch", _optional, None),
+    ("the student's hidden size", _number, None),
+    ("the teacher's hidden size", _number, None),
+    ("student_hidden", "hash", "the hidden states feeding the lm_head shards are the same"),
+    ("student_hidden", "hash", "the hidden states feeding the lm_head shards are the same"),
+    ("teacher_hidden", "hash", "the hidden states feeding the lm_head shards are the same"),
+    ("teacher_hidden", "hash", "the hidden states feeding the lm_head shards are the same"),
+    ("student_bias given", _yes_no, None),
+    ("teacher_bias given", _yes_no, None),
+    ("student_softcap", _optional, None),
+    ("teacher_softcap", _optional, None),
+    ("student_logit_scale", _number, None),
+    ("teacher_logit_scale", _number, None),
+    ("the sparse teacher's k", _number, None),
+    ("the sparse teacher's tail", _name(TAILS), None),
+    ("the sparse teacher's store_temperature", _number, None),
+    ("the sparse teacher's indices", "hash", "every rank passes the same sparse teacher"),
+    ("the sparse teacher's indices", "hash", "every rank passes the same sparse teacher"),
+    ("the sparse teacher's logprobs", "hash", "every rank passes the same sparse teacher"),
+    ("the sparse teacher's logprobs", "hash", "every rank passes the same sparse teacher"),
+    ("the sparse teacher's offsets", "hash", "every rank passes the same sparse teacher"),
+    ("the sparse teacher's offsets", "hash", "every rank passes the same sparse teacher"),
+)
+# And two fields that differ by design: whether this rank rejected its
+# inputs, and its shard width.
+_ERROR, _WIDTH = len(_FIELDS), len(_FIELDS) + 1
+
+
+class Layout:
+    """The group's vocabulary split, learnt in the agreement."""
+
+    def __init__(self, exchange: Exchange, widths: list[int]):
+        self.ex = exchange
+        self.widths = widths
+        self.vocab = sum(widths)
+        self.offset = sum(widths[: exchange.rank])
+        self.width = widths[exchange.rank]
+
+    def phase_options(self, opts: LossOptions) -> dict:
+        """The phase ops' options: the kernel's, column_offset and vocab."""
+        return dict(opts.kernel(), column_offset=self.offset, vocab=self.vocab)
+
+
+def _fingerprint(call, rows, width, opts, lin, labels, num_items, student, teacher, device):
+    """The agreement's values for this rank (float64 [F + 2] on device)."""
+    nan = math.nan
+    values: list = [float(_KINDS.index(call)), float(rows)]
+    values += [opts.temperature, opts.alpha, opts.beta]
+    values += [float(DIVERGENCES.index(opts.divergence)), float(REDUCTIONS.index(opts.reduction))]
+    values += [float(opts.ignore_index), float(opts.scale_by_t2), opts.label_smoothing]
+    values += [float(TEACHER_VOCABS.index(opts.teacher_vocab))]
+    s_hidden, s_bias = (student[0], student[2]) if isinstance(student, tuple) else (None, None)
+    s_tensor = s_hidden if s_hidden is not None else student
+    t_hidden = t_bias = None
+    if isinstance(teacher, SparseTeacher):
+        t_dtype = _dtype_code(teacher.logprobs)
+    elif isinstance(teacher, tuple):
+        t_hidden, _, t_bias = teacher
+        t_dtype = _dtype_code(t_hidden)
+    else:
+        t_dtype = _dtype_code(teacher)
+    values += [_dtype_code(s_tensor), t_dtype, float(labels is not None)]
+    values += _hashes(labels) if labels is not None else [0.0, 0.0]
+    values += [nan if num_items is None else float(num_items)]
+    values += [float(s_hidden.shape[-1]) if s_hidden is not None else 0.0]
+    values += [float(t_hidden.shape[-1]) if t_hidden is not None else 0.0]
+    values += _hashes(_bits(s_hidden)) if s_hidden is not None else [0.0, 0.0]
+    values += _hashes(_bits(t_hidden)) if t_hidden is not None else [0.0, 0.0]
+    values += [float(s_bias is not None), float(t_bias is not None)]
+    lin = lin or LinearOptions()
+    caps = (lin.student_softcap, lin.teacher_softcap)
+    values += [nan if c is None else float(c) for c in caps]
+    values += [float(lin.student_logit_scale), float(lin.teacher_logit_scale)]
+    if isinstance(teacher, SparseTeacher):
+        values += [float(teacher.k), float(TAILS.index(teacher.tail)), teacher.store_temperature]
+        values += _hashes(teacher.indices) + _hashes(_bits(teacher.logprobs))
+        values += _hashes(teacher.offsets) if teacher.ragged else [0.0, 0.0]
+    else:
+        values += [0.0] * 9
+    values += [0.0, float(width)]
+    return torch.stack(
+        [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values]
     )
 
 
-def split_over(group):
-    """The group if the vocabulary is split over more than one rank, else None
-    (a group of one: the plain loss, the same numbers and no collective)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return None
-    return group
+def _disagreement(fingerprints: torch.Tensor) -> str | None:
+    """The first field the ranks disagree on, in the user's words, or None."""
+    rows = fingerprints.tolist()
+    world = len(rows)
+    for f, (field, show, hint) in enumerate(_FIELDS):
+        column = [r[f] for r in rows]
+        same = all((c == column[0]) or (math.isnan(c) and math.isnan(column[0])) for c in column)
+        if same:
+            continue
+        if show == "hash":
+            groups: dict = {}
+            for r, c in enumerate(column):
+                groups.setdefault(c, []).append(r)
+            parts = [", ".join(f"rank {r}" for r in g) for g in groups.values()]
+            return f"{field}: {' / '.join(parts)} hold different ones ({hint})"
+        shown = ", ".join(f"rank {r} {show(column[r])}" for r in range(world))
+        return f"{field}: {shown}" + (f" ({hint})" if hint else "")
+    return None
 
 
-def forget_layouts() -> None:
-    """Drops the remembered shard layouts (the next call with each group
-    exchanges the label's logit once more)."""
-    _layouts.clear()
+def agree(
+    group,
+    call,
+    *,
+    rows,
+    width,
+    opts,
+    lin=None,
+    labels,
+    num_items,
+    student,
+    teacher,
+    device,
+    error=None,
+) -> Layout:
+    """The agreement (one fixed-size all_gather): every rank's width and
+    fingerprint. Raises the same error on every rank if any rank rejected
+    its inputs (`error`: that rank's exception, re-raised there) or if the
+    ranks disagree; else returns the layout."""
+    ex = Exchange(group)
+    if error is None:
+        mine = _fingerprint(
+            call, rows, width, opts, lin, labels, num_items, student, teacher, device
+        )
+    else:
+        mine = torch.zeros(_WIDTH + 1, dtype=torch.float64, device=device)
+        mine[_ERROR] = 1.0
+    every = ex.all_gather(mine[None])[:, 0].cpu()
+    failed = [r for r in range(ex.world) if every[r, _ERROR] != 0]
+    if failed:
+        if error is not None:
+            raise error
+        which = ", ".join(f"rank {r}" for r in failed)
+        raise ValueError(
+            f"kdfused: {which} of the process group rejected its inputs (see the error raised "
+            "there); every rank stops with it"
+        )
+    differ = _disagreement(every[:, :_ERROR])
+    if differ is not None:
+        raise ValueError(
+            f"kdfused: the ranks of the process group disagree on {differ}. Every rank must "
+            "pass the same options, rows and labels; only the vocabulary shards differ"
+        )
+    widths = [int(w) for w in every[:, _WIDTH].tolist()]
+    if min(widths) < 1:
+        raise ValueError(f"kdfused: every rank's shard needs at least one column, got {widths}")
+    return Layout(ex, widths)
+
+
+def check_labels_in(labels, layout: Layout, ignore_index: int) -> None:
+    """The labels (the same on every rank, as agreed) lie in the group's
+    vocabulary: the same error on every rank otherwise."""
+    if labels is None:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= layout.vocab))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"kdfused: labels[{i}] = {int(labels[i])} is outside the group's vocabulary "
+            f"[0, {layout.vocab}) (shards of {layout.widths} columns) and is not "
+            f"ignore_index = {ignore_index}"
+        )
+
+
+# ---- the phases, per kind of teacher ------------------------------------------------
+
+
+class DensePhases:
+    """Dense teacher logits: statistics (12 floats a row), merge, JSD's sums
+    and their merge, gradient (the ops of csrc/parallel_op.h)."""
+
+    def __init__(self, opts: LossOptions, layout: Layout):
+        self.opts, self.layout = opts, layout
+        self.phase = layout.phase_options(opts)
+        self.second = opts.divergence == "jsd"
+
+    def stats(self, s, teacher, labels):
+        return ops.distill_stats(s, teacher, labels, **self.phase)
+
+    def empty_stats(self, device):
+        return torch.zeros(0, ops.STATS, device=device)
+
+    def merge(self, gathered, labels):
+        return ops.distill_merge(gathered, labels, **self.opts.kernel())
+
+    def jsd_sums(self, s, teacher, labels, consts):
+        return ops.distill_jsd_sums(s, teacher, labels, consts=consts, **self.phase)
+
+    def jsd_finish(self, consts, gathered, labels):
+        o = self.opts
+        return ops.distill_jsd_finish(
+            consts,
+            gathered,
+            labels,
+            temperature=o.temperature,
+            beta=o.beta,
+            ignore_index=o.ignore_index,
+            scale_by_t2=o.scale_by_t2,
+        )
+
+    def grad(self, s, teacher, labels, grad_scale, consts):
+        return ops.distill_grad(s, teacher, labels, grad_scale, consts=consts, **self.phase)
+
+
+class SparsePhases:
+    """A sparse teacher (its ids global): statistics (8 floats a row and the
+    student's logits at the kept ids this shard holds), merge (the k + 1
+    buckets of every row, complete), gradient (the ops of csrc/sparse_op.h).
+    The teacher operand of a chunk is its (indices, logprobs) rows."""
+
+    second = False
+
+    def __init__(self, opts: LossOptions, layout: Layout, teacher: SparseTeacher):
+        self.opts, self.layout = opts, layout
+        self.meta = dict(tail=teacher.tail, store_temperature=teacher.store_temperature)
+        self.phase = dict(layout.phase_options(opts), **self.meta)
+        self.k = teacher.k
+
+    def stats(self, s, teacher, labels):
+        indices, logprobs = teacher
+        return ops.sparse_shard_stats(s, indices, logprobs, labels, **self.phase)
+
+    def empty_stats(self, device):
+        return torch.zeros(0, ops.SPARSE_STATS + self.k, device=device)
+
+    def merge(self, gathered, labels, teacher):
+        indices, logprobs = teacher
+        return ops.sparse_shard_merge(
+            gathered, indices, logprobs, labels, **self.opts.kernel(), **self.meta
+        )
+
+    def grad(self, s, teacher, labels, grad_scale, merged):
+        indices, logprobs = teacher
+        return ops.sparse_shard_grad(
+            s, indices, logprobs, labels, grad_scale, merged=merged, **self.phase
+        )
+
+
+def _merged_rows(phases, layout, stats_of, sums_of, labels, teacher_rows, n, device):
+    """The merged row constants and the rows' (hard, soft), from this rank's
+    statistics (stats_of()) and, for JSD with dense logits, its sums given the
+    first merge (sums_of(consts))."""
+    stats = stats_of() if n else phases.empty_stats(device)
+    gathered = layout.ex.all_gather(stats)
+    if isinstance(phases, SparsePhases):
+        return phases.merge(gathered, labels, teacher_rows)
+    consts, hard, soft = phases.merge(gathered, labels)
+    if phases.second:
+        sums = sums_of(consts) if n else torch.zeros(0, 2, device=device)
+        consts, soft = phases.jsd_finish(consts, layout.ex.all_gather(sums), labels)
+    return consts, hard, soft
+
+
+def _phases(opts, layout, teacher):
+    if isinstance(teacher, SparseTeacher):
+        return SparsePhases(opts, layout, teacher)
+    return DensePhases(opts, layout)
+
+
+def _operand(teacher):
+    """A teacher's phase operand: dense logits [N, V_r], or a sparse
+    teacher's flattened (indices, logprobs)."""
+    if isinstance(teacher, SparseTeacher):
+        flat = teacher.padded()  # ragged rows padded for the phase kernels
+        return flat.indices, flat.logprobs.detach()
+    return teacher.detach()
+
+
+class _VocabParallelFunction(SavedGradientFunction):
+    """The logits loss over shards: statistics, one exchange, merge (JSD with
+    dense logits: its sums and a second exchange), gradient. Backward scales
+    the saved gradient."""
+
+    @staticmethod
+    def forward(
+        ctx, student, t0, t1, t2, teacher_kind, labels, opts, layout, num_items, compute_grad
+    ):
+        teacher = teacher_kind.rebuild((t0, t1, t2))
+        phases = _phases(opts, layout, teacher)
+        operand = _operand(teacher)
+        n = student.shape[0]
+        consts, hard, soft = _merged_rows(
+            phases,
+            layout,
+            lambda: phases.stats(student, operand, labels),
+            lambda c: phases.jsd_sums(student, operand, labels, c),
+            labels,
+            operand,
+            n,
+            student.device,
+        )
+        denom = counted_rows(labels, n, opts.ignore_index, student.device, num_items)
+        if compute_grad:
+            scale = grad_scale_of(opts.reduction, denom)
+            grad = phases.grad(student, operand, labels, scale, consts)
+        else:
+            grad = student.new_empty(0)
+        return SavedGradientFunction.finish(
+            ctx, hard, soft, grad, opts.alpha, opts.reduction, denom
+        )
+
+
+def logits_loss(student, teacher, labels, opts: LossOptions, num_items_in_batch, group):
+    """(loss, hard, soft) of [N, V_r] student logits against this rank's
+    shard [N, V_r] of dense teacher logits or a sparse teacher of N rows
+    (validated by the caller): the agreement first, then the phases."""
+    n, width = student.shape
+    call = _KINDS[1] if isinstance(teacher, SparseTeacher) else _KINDS[0]
+    layout = agree(
+        group,
+        call,
+        rows=n,
+        width=width,
+        opts=opts,
+        labels=labels,
+        num_items=num_items_in_batch,
+        student=student,
+        teacher=teacher,
+        device=student.device,
+    )
+    check_labels_in(labels, layout, opts.ignore_index)
+    if not isinstance(teacher, SparseTeacher):
+        ops.kernel_dtype_check("teacher_logits", teacher)
+    parts = TeacherTensors(teacher)
+    compute_grad = torch.is_grad_enabled() and student.requires_grad
+    t0, t1, t2 = parts.tensors
+    outputs = _VocabParallelFunction.apply(
+        student, t0, t1, t2, parts, labels, opts, layout, num_items_in_batch, compute_grad
+    )
+    return entropy_or_none(outputs, False)
+
+
+def reject_together(group, error: Exception, device) -> None:
+    """A rank whose inputs were rejected before the agreement: it takes part
+    in the agreement (so that no other rank waits in a collective for it),
+    and every rank raises; here, `error`."""
+    agree(
+        group,
+        _KINDS[0],
+        rows=0,
+        width=0,
+        opts=None,
+        labels=None,
+        num_items=None,
+        student=None,
+        teacher=None,
+        device=device,
+        error=error,
+    )
+    raise error  # not reached: agree raises
 
 
 # ---- the fused-linear loss over a column-parallel lm_head ----------------------
 
 
-def _linear_label_logits(hidden, weight, bias, cap, labels, offset):
-    """The label's logit formed from the hidden states where the label lies
-    in this rank's rows of the weight [offset, offset + V_r)."""
-    width = weight.shape[0]
-    local = labels - offset
-    inside = (local >= 0) & (local < width)
-    rows = local.clamp(0, width - 1)
-    logit = (hidden * weight[rows]).sum(-1)
-    if bias is not None:
-        logit = logit + bias[rows]
-    if cap is not None:
-        logit = cap * torch.tanh(logit / cap)
-    logit = logit.float()
-    return torch.where(inside, logit, torch.zeros_like(logit)), inside.float()
+class ShardGradient(TeacherSource):
+    """The gradient phase as a teacher source of the fused-linear chunk
+    loop: per chunk, this shard's gradient from the merged row constants (the
+    rows' losses are known already: zeros here). The loop then forms the
+    weight and bias rows' gradients and this shard's part of the hidden
+    states' gradient (summed over the group by the layer that feeds the
+    lm_head, as Megatron-LM's column-parallel layers do)."""
 
+    own_gradient = True
 
-class _ShardGradient:
-    """The gradient phase as a teacher source of kdfused.fused_linear's chunk
-    loop: per chunk, the dense teacher's logits and this shard's gradient from
-    the merged row constants (the rows' losses are known already: zeros here).
-    The loop then forms the weight and bias rows' gradients and this shard's
-    part of the hidden states' gradient (summed over the group by the layer
-    that feeds the lm_head, as Megatron-LM's column-parallel layers do)."""
-
-    inplace = False
-    allocates = True
-
-    def __init__(self, teacher, consts, phase_options):
-        self.teacher, self.consts, self.phase = teacher, consts, phase_options
+    def __init__(self, phases, operands, consts):
+        self.phases, self.operands, self.consts = phases, operands, consts
 
     def row_bytes(self) -> int:
-        return self.teacher.row_bytes()
+        return self.operands.row_bytes()
 
     def buffer(self, rows: int):
-        return self.teacher.buffer(rows)
+        return self.operands.buffer(rows)
 
-    def distill(self, s, start, stop, buffer, y, grad_scale, options, mode, g_buffer):
-        t = self.teacher.logits(start, stop, buffer)
-        consts = self.consts[start:stop].contiguous()
-        g = ops.distill_grad(s, t, y, grad_scale, consts=consts, **self.phase)
+    def run(self, s, start, stop, buffer, labels, grad_scale, mode, grad_buffer, entropy=False):
+        t = self.operands.operand(start, stop, buffer)
+        g = self.phases.grad(s, t, labels, grad_scale, self.consts[start:stop].contiguous())
         rows = s.new_zeros(stop - start, dtype=torch.float32)
-        return rows, rows, g
+        return rows, rows, g, None
 
 
-def _linear_grads(tensors, teacher, rx, consts, labels, chunk, grad_scale, row_weights, need, cap):
-    """(hidden, weight, bias) gradients of the shard, by the fused-linear loop."""
-    from .fused_linear import _chunk_pass
+class Operands:
+    """A teacher's phase operand chunk by chunk: dense logits (formed from
+    hidden states, or slices of given logits), or a sparse teacher's rows."""
 
-    s_hidden, s_weight, s_bias = tensors
-    source = _ShardGradient(teacher, consts, rx.phase_options())
-    return _chunk_pass(
-        s_hidden, s_weight, s_bias, cap, labels, source, {}, chunk, grad_scale, row_weights, need
-    )[2]
+    def __init__(self, source: TeacherSource, sparse: tuple | None):
+        self.source, self.sparse = source, sparse
+
+    def row_bytes(self) -> int:
+        return self.source.row_bytes()
+
+    def buffer(self, rows: int):
+        return self.source.buffer(rows)
+
+    def operand(self, start, stop, buffer):
+        if self.sparse is not None:
+            return self.sparse[0][start:stop], self.sparse[1][start:stop]
+        return self.source.logits(start, stop, buffer)
 
 
 class _VocabParallelLinearFunction(torch.autograd.Function):
@@ -349,112 +607,137 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, s_hidden, s_weight, s_bias, labels, t_hidden, t_weight, t_bias, t_logits, args
+        ctx,
+        s_hidden,
+        s_weight,
+        s_bias,
+        labels,
+        t0,
+        t1,
+        t2,
+        teacher_kind,
+        opts,
+        lin,
+        layout,
+        num_items,
+        need,
     ):
-        from .fused_linear import _teacher_source, default_chunk_size, linear_logits
-
-        options, reduction, num_items, s_cap, t_cap, chunk, group, need = args
-        teacher = _teacher_source(t_hidden, t_weight, t_bias, t_logits, t_cap, None, None, None)
-        n, width = s_hidden.shape[0], s_weight.shape[0]
+        teacher = teacher_kind.rebuild((t0, t1, t2))
+        student = LinearStudent(
+            s_hidden, s_weight, s_bias, lin.student_softcap, lin.student_logit_scale
+        )
+        source = teacher_source(opts, lin, teacher)
+        phases = _phases(opts, layout, teacher)
+        sparse = _operand(teacher) if isinstance(teacher, SparseTeacher) else None
+        operands = Operands(source, sparse)
+        n = student.rows
+        chunk = lin.chunk_size
         if chunk is None:
-            row_bytes = 2 * width * s_weight.element_size() + teacher.row_bytes()
+            row_bytes = 2 * student.vocab * s_weight.element_size() + source.row_bytes()
             chunk = default_chunk_size(n, row_bytes, s_hidden.device.type)
         chunk = max(1, min(chunk, n)) if n else 1
-        rx = RowExchange(group, n, width, labels, options, reduction)
-        t_buffer = teacher.buffer(min(chunk, n))
+        t_buffer = operands.buffer(min(chunk, n))
 
-        def chunks(phase_fn):
+        def over_chunks(phase_fn):
             outs = []
             for start in range(0, n, chunk):
                 stop = min(n, start + chunk)
-                s = linear_logits(s_hidden[start:stop], s_weight, s_bias, s_cap)
-                t = teacher.logits(start, stop, t_buffer)
-                outs.append(phase_fn(s, t, start, stop))
-            return torch.cat(outs) if outs else None
+                s = student.logits(start, stop)
+                t = operands.operand(start, stop, t_buffer)
+                y = None if labels is None else labels[start:stop]
+                outs.append(phase_fn(s, t, y, start, stop))
+            return torch.cat(outs)
 
-        safe = rx.safe_labels
-        stats = None
-        if width and n:
-            stats = chunks(
-                lambda s, t, a, b: ops.distill_stats(
-                    s, t, None if safe is None else safe[a:b], **rx.phase_options()
-                )
-            )
-        elif width:
-            stats = torch.zeros(0, STATS, device=s_hidden.device)
-        consts, hard, soft = rx.merge(
-            stats,
-            lambda offset: _linear_label_logits(s_hidden, s_weight, s_bias, s_cap, labels, offset),
+        consts, hard, soft = _merged_rows(
+            phases,
+            layout,
+            lambda: over_chunks(lambda s, t, y, a, b: phases.stats(s, t, y)),
+            lambda c: over_chunks(
+                lambda s, t, y, a, b: phases.jsd_sums(s, t, y, c[a:b].contiguous())
+            ),
+            labels,
+            sparse,
+            n,
             s_hidden.device,
         )
-        if options["divergence"] == "jsd":
-            sums = chunks(
-                lambda s, t, a, b: ops.distill_jsd_sums(
-                    s,
-                    t,
-                    None if labels is None else labels[a:b],
-                    consts=consts[a:b].contiguous(),
-                    **rx.phase_options(),
-                )
-            )
-            sums = sums if sums is not None else torch.zeros(0, 2, device=s_hidden.device)
-            consts, soft = rx.jsd_finish(consts, sums)
-        ignore_index = options["ignore_index"]
-        denom = counted_rows(labels, n, ignore_index, s_hidden.device, num_items)
-        grad_scale = denom.reciprocal() if reduction == "batchmean" else None
-        loss, hard, soft = combine_and_reduce(hard, soft, options["alpha"], reduction, denom)
-        ctx.mark_non_differentiable(hard, soft)
-        ctx.reduction = reduction
-        ctx.rx, ctx.chunk, ctx.need, ctx.cap, ctx.teacher = rx, chunk, need, s_cap, teacher
-        if reduction == "none" or not any(need):
-            ctx.save_for_backward(s_hidden, s_weight, s_bias, labels, consts)
-        else:
-            grads = _linear_grads(
-                (s_hidden, s_weight, s_bias),
-                teacher,
-                rx,
-                consts,
-                labels,
-                chunk,
-                grad_scale,
-                None,
-                need,
-                s_cap,
-            )
+        denom = counted_rows(labels, n, opts.ignore_index, s_hidden.device, num_items)
+        outputs = finish_outputs(ctx, hard, soft, None, opts.alpha, opts.reduction, denom)
+        ctx.reduction = opts.reduction
+        grad_source = ShardGradient(phases, operands, consts)
+        if opts.reduction == "none":  # the gradient phase runs in backward
+            ctx.recompute = (student, grad_source, labels, chunk, need)
+        elif any(need):
+            scale = grad_scale_of(opts.reduction, denom)
+            grads = chunk_pass(student, grad_source, labels, chunk, scale, None, need)[2]
             ctx.save_for_backward(*grads)
-        return loss, hard, soft
+        else:
+            ctx.save_for_backward(None, None, None)
+        return outputs
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_hard, _grad_soft):
+    def backward(ctx, grad_loss, _grad_hard, _grad_soft, _grad_entropy):
         refuse_double_backward()
-        none = (None,) * 6
-        if ctx.reduction == "none":
-            s_hidden, s_weight, s_bias, labels, consts = ctx.saved_tensors
-            grads = _linear_grads(
-                (s_hidden, s_weight, s_bias),
-                ctx.teacher,
-                ctx.rx,
-                consts,
-                labels,
-                ctx.chunk,
-                None,
-                grad_loss.to(torch.float32),
-                ctx.need,
-                ctx.cap,
-            )
-            return grads + none
-        grads = ctx.saved_tensors
-        present = [g for g in grads if g is not None]
-        if present and upstream_is_one(grad_loss, present[0]):
-            return tuple(grads) + none
-        return tuple(None if g is None else scaled(g, grad_loss) for g in grads) + none
+        if ctx.reduction != "none":
+            return scaled_saved(ctx, grad_loss, ctx.saved_tensors)
+        student, grad_source, labels, chunk, need = ctx.recompute
+        row_weights = grad_loss.to(torch.float32)
+        grads = chunk_pass(student, grad_source, labels, chunk, None, row_weights, need)[2]
+        return none_after(ctx, grads)
 
 
-def vocab_parallel_linear_loss(
-    s_hidden, s_weight, s_bias, labels, t_hidden, t_weight, t_bias, t_logits, *, args
+def linear_loss(
+    s_hidden,
+    s_weight,
+    s_bias,
+    labels,
+    teacher,
+    opts: LossOptions,
+    lin: LinearOptions,
+    num_items_in_batch,
+    group,
 ):
     """The fused-linear loss's (loss, hard, soft) over a column-parallel
-    lm_head (validated by the caller; args as _VocabParallelLinearFunction's)."""
-    return _VocabParallelLinearFunction.apply(
-        s_hidden, s_weight, s_bias, labels, t_hidden, t_weight, t_bias, t_logits, args
+    lm_head (validated by the caller): each rank's rows [V_r, H] of the
+    student weight (and bias), and the teacher's rows of its weight, its
+    shard of dense teacher logits, or a sparse teacher with global ids."""
+    if isinstance(teacher, SparseTeacher):
+        call = _KINDS[4]
+    elif isinstance(teacher, torch.Tensor):
+        call = _KINDS[3]
+    else:
+        call = _KINDS[2]
+    layout = agree(
+        group,
+        call,
+        rows=s_hidden.shape[0],
+        width=s_weight.shape[0],
+        opts=opts,
+        lin=lin,
+        labels=labels,
+        num_items=num_items_in_batch,
+        student=(s_hidden, s_weight, s_bias),
+        teacher=teacher,
+        device=s_hidden.device,
     )
+    check_labels_in(labels, layout, opts.ignore_index)
+    grad_on = torch.is_grad_enabled()
+    need = (
+        grad_on and s_hidden.requires_grad,
+        grad_on and s_weight.requires_grad,
+        grad_on and s_bias is not None and s_bias.requires_grad,
+    )
+    parts = TeacherTensors(teacher)
+    outputs = _VocabParallelLinearFunction.apply(
+        s_hidden,
+        s_weight,
+        s_bias,
+        labels,
+        *parts.tensors,
+        parts,
+        opts,
+        lin,
+        layout,
+        num_items_in_batch,
+        need,
+    )
+    return entropy_or_none(outputs, False)

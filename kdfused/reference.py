@@ -1,4 +1,4 @@
-"""Pure-PyTorch definition of the loss (DESIGN.md sections 1, 5, 6 and 8): the test oracle.
+"""Pure-PyTorch definition of the loss (docs/design.md): the test oracle.
 
 Written for clarity, not speed: it materialises several [N, V] tensors. It
 computes in the inputs' (promoted) dtype, so float64 inputs give the float64
@@ -13,18 +13,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._types import DistillLossOutput, SparseTeacher
+from ._autograd import package
+from ._types import SparseTeacher
 from ._validation import (
-    _check_labels,
+    LinearOptions,
+    LossOptions,
     check_label_range,
+    check_labels,
     check_sparse_indices,
     teacher_columns,
     validate_linear_options,
     validate_linear_tensors,
     validate_num_items,
     validate_options,
-    validate_sparse_fields,
     validate_sparse_teacher,
+    validate_student_logits,
     validate_tensors,
 )
 
@@ -82,8 +85,9 @@ def distill_loss(
     teacher_vocab: str = "exact",
     num_items_in_batch: int | torch.Tensor | None = None,
     return_components: bool = False,
+    student_entropy: bool = False,
 ):
-    """The distillation loss of DESIGN.md sections 1 and 8, in plain PyTorch.
+    """The distillation loss (docs/design.md, "The loss"), in plain PyTorch.
 
     Per row i (leading dims flattened), with p_s = softmax(s_i / T),
     p_t = softmax(t_i / T):
@@ -95,7 +99,7 @@ def distill_loss(
     beta. Rows with ``labels == ignore_index`` count for nothing. The teacher
     gets no gradient. Returns float32 (float64 for float64 inputs).
     """
-    validate_options(
+    opts = validate_options(
         temperature=temperature,
         alpha=alpha,
         divergence=divergence,
@@ -106,33 +110,49 @@ def distill_loss(
         backend="reference",
         teacher_vocab=teacher_vocab,
         label_smoothing=label_smoothing,
+        student_entropy=student_entropy,
     )
     validate_tensors(
         student_logits, teacher_logits, labels, alpha=alpha, teacher_vocab=teacher_vocab
     )
     validate_num_items(num_items_in_batch, reduction)
     vocab = student_logits.shape[-1]
-    teacher_logits = teacher_columns(teacher_logits, vocab)
     lead = student_logits.shape[:-1]
-    work = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
-    out_dtype = torch.float64 if work == torch.float64 else torch.float32
-    s = student_logits.reshape(-1, vocab).to(work)
-    t = teacher_logits.reshape(-1, vocab).to(work).detach()
-
-    hard, counted = _hard_rows(s, labels, vocab, ignore_index, label_smoothing, out_dtype)
-    div = _divergence(s, t, temperature=temperature, divergence=divergence, beta=beta)
-    return _combine(
-        hard,
-        div,
-        counted,
-        lead=lead,
-        temperature=temperature,
-        alpha=alpha,
-        scale_by_t2=scale_by_t2,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        return_components=return_components,
+    teacher_logits = teacher_columns(teacher_logits, vocab)
+    y = None if labels is None else labels.reshape(-1)
+    rows = dense_loss(
+        student_logits.reshape(-1, vocab),
+        teacher_logits.reshape(-1, vocab),
+        y,
+        opts,
+        num_items_in_batch,
     )
+    return package(*rows, lead, reduction, return_components)
+
+
+def dense_loss(student, teacher, labels, opts: LossOptions, num_items_in_batch):
+    """(loss, hard, soft) of validated [N, V] logits and [N] labels (or
+    None), reduced as opts says ("none": [N] rows); what distill_loss and the
+    public functions' reference backend compute."""
+    work = torch.promote_types(student.dtype, teacher.dtype)
+    out_dtype = torch.float64 if work == torch.float64 else torch.float32
+    s = student.to(work)
+    t = teacher.to(work).detach()
+    hard, counted = _hard_rows(
+        s, labels, s.shape[-1], opts.ignore_index, opts.label_smoothing, out_dtype
+    )
+    div = _divergence(
+        s, t, temperature=opts.temperature, divergence=opts.divergence, beta=opts.beta
+    )
+    entropy = _entropy(s, opts.temperature) if opts.student_entropy else None
+    return _combine(hard, div, counted, opts, num_items_in_batch, entropy)
+
+
+def _entropy(s, temperature):
+    """The student's entropy H(softmax(s / T)) of each row, 0 log 0 = 0."""
+    log_p = F.log_softmax(s / temperature, dim=-1)
+    p = log_p.exp()
+    return -torch.where(p != 0, p * log_p, torch.zeros_like(p)).sum(-1)
 
 
 def _hard_rows(s, labels, vocab, ignore_index, label_smoothing, out_dtype):
@@ -148,26 +168,17 @@ def _hard_rows(s, labels, vocab, ignore_index, label_smoothing, out_dtype):
     return hard.to(out_dtype), y != ignore_index
 
 
-def _combine(
-    hard,
-    div,
-    counted,
-    *,
-    lead,
-    temperature,
-    alpha,
-    scale_by_t2,
-    reduction,
-    num_items_in_batch,
-    return_components,
-):
-    """loss_i = alpha hard_i + (1 - alpha) c D_i at counted rows, reduced."""
+def _combine(hard, div, counted, opts: LossOptions, num_items_in_batch, entropy=None):
+    """(loss, hard, soft, entropy) with loss_i = alpha hard_i + (1 - alpha) c
+    D_i at counted rows, each reduced ("none": the rows); entropy (rows, or
+    None) reduced likewise, 0 at rows that do not count."""
     out_dtype = hard.dtype
-    coef = temperature**2 if scale_by_t2 else 1.0
+    coef = opts.temperature**2 if opts.scale_by_t2 else 1.0
     zero = torch.zeros((), dtype=out_dtype, device=hard.device)
     soft = torch.where(counted, coef * div.to(out_dtype), zero)
     hard = torch.where(counted, hard, zero)
     # A term whose weight is 0 contributes 0, even where it is inf.
+    alpha = opts.alpha
     if alpha == 0:
         loss = soft
     elif alpha == 1:
@@ -176,10 +187,10 @@ def _combine(
         loss = alpha * hard + (1 - alpha) * soft
 
     def reduce(rows):
-        if reduction == "none":
-            return rows.reshape(lead)
+        if opts.reduction == "none":
+            return rows
         total = rows.sum()
-        if reduction == "sum":
+        if opts.reduction == "sum":
             return total
         if num_items_in_batch is not None:
             count = torch.as_tensor(num_items_in_batch, device=hard.device).to(out_dtype)
@@ -187,13 +198,18 @@ def _combine(
             count = counted.sum().to(out_dtype)
         return total / count.clamp(min=1)
 
-    if not return_components:
-        return reduce(loss)
-    return DistillLossOutput(reduce(loss), reduce(hard).detach(), reduce(soft).detach())
+    if entropy is not None:
+        entropy = reduce(torch.where(counted, entropy.to(out_dtype), zero)).detach()
+    return reduce(loss), reduce(hard).detach(), reduce(soft).detach(), entropy
 
 
-def _softcapped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    return logits if cap is None else cap * torch.tanh(logits / cap)
+def linear_logits(hidden, weight, bias, softcap=None, scale=1.0):
+    """softcap(scale * (hidden @ weight.T + bias)), as the unfused model forms
+    it: F.linear in the inputs' dtype, then the scale, then the cap."""
+    logits = F.linear(hidden, weight, bias)
+    if scale != 1.0:
+        logits = logits * scale
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def fused_linear_distill_loss(
@@ -205,7 +221,8 @@ def fused_linear_distill_loss(
     teacher_weight: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | SparseTeacher | None = None,
+    teacher: SparseTeacher | None = None,
     temperature: float = 2.0,
     alpha: float = 0.5,
     divergence: str = "forward_kl",
@@ -219,15 +236,38 @@ def fused_linear_distill_loss(
     chunk_size: int | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
     return_components: bool = False,
+    student_entropy: bool = False,
 ):
-    """The fused-linear loss of DESIGN.md section 5, unfused: the whole [N, V]
-    logits materialised as the model would form them (``F.linear`` in the
-    inputs' dtype, then the softcap), then :func:`distill_loss`. chunk_size is
-    checked and otherwise unused (there are no chunks here)."""
-    validate_linear_options(
-        chunk_size=chunk_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap
+    """The fused-linear loss (docs/design.md, "The fused-linear loss"), unfused: the
+    whole [N, V] logits materialised as the model would form them
+    (:func:`linear_logits`), then :func:`distill_loss` (or the sparse
+    teacher's loss). chunk_size is checked and otherwise unused."""
+    if isinstance(teacher_logits, SparseTeacher):
+        teacher, teacher_logits = teacher_logits, teacher
+    opts = validate_options(
+        temperature=temperature,
+        alpha=alpha,
+        divergence=divergence,
+        beta=beta,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        scale_by_t2=scale_by_t2,
+        backend="reference",
+        teacher_vocab=teacher_vocab,
+        label_smoothing=label_smoothing,
+        student_entropy=student_entropy,
     )
+    lin = validate_linear_options(
+        chunk_size=chunk_size,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+    )
+    validate_num_items(num_items_in_batch, reduction)
     validate_linear_tensors(
         student_hidden,
         student_weight,
@@ -237,55 +277,62 @@ def fused_linear_distill_loss(
         teacher_weight=teacher_weight,
         teacher_bias=teacher_bias,
         teacher_logits=teacher_logits,
+        sparse_teacher=teacher,
         alpha=alpha,
         teacher_vocab=teacher_vocab,
     )
-    if teacher_weight is not None:
-        teacher_weight = teacher_columns(teacher_weight, student_weight.shape[0], dim=0)
-        if teacher_bias is not None:
-            teacher_bias = teacher_columns(teacher_bias, student_weight.shape[0], dim=0)
-    s = _softcapped(F.linear(student_hidden, student_weight, student_bias), student_softcap)
-    if teacher_logits is None:
-        with torch.no_grad():
-            t = F.linear(teacher_hidden, teacher_weight, teacher_bias)
-            teacher_logits = _softcapped(t, teacher_softcap)
-    if isinstance(teacher_logits, SparseTeacher):  # DESIGN.md section 6
-        if teacher_vocab != "exact":
-            raise ValueError("teacher_vocab applies to dense teacher logits, not a sparse teacher")
-        return sparse_distill_loss(
-            s,
-            teacher_logits.indices,
-            teacher_logits.logprobs,
-            labels,
-            tail=teacher_logits.tail,
-            store_temperature=teacher_logits.store_temperature,
-            temperature=temperature,
-            alpha=alpha,
+    vocab = student_weight.shape[0]
+    lead = student_hidden.shape[:-1]
+    if teacher is not None:
+        validate_sparse_teacher(
+            lead,
+            student_hidden.device,
+            teacher,
             divergence=divergence,
-            beta=beta,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            scale_by_t2=scale_by_t2,
-            label_smoothing=label_smoothing,
-            num_items_in_batch=num_items_in_batch,
-            return_components=return_components,
+            teacher_vocab=teacher_vocab,
+            what=f"student_hidden {tuple(student_hidden.shape)}",
         )
-    return distill_loss(
-        s,
-        teacher_logits.detach(),
-        labels,
-        temperature=temperature,
-        alpha=alpha,
-        divergence=divergence,
-        beta=beta,
-        reduction=reduction,
-        ignore_index=ignore_index,
-        scale_by_t2=scale_by_t2,
-        label_smoothing=label_smoothing,
-        teacher_vocab=teacher_vocab,
-        num_items_in_batch=num_items_in_batch,
-        return_components=return_components,
+        source = teacher.flatten()
+    elif teacher_logits is not None:
+        source = teacher_columns(teacher_logits, vocab).reshape(-1, vocab)
+    else:
+        bias = None if teacher_bias is None else teacher_columns(teacher_bias, vocab, dim=0)
+        t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        source = (t_hidden, teacher_columns(teacher_weight, vocab, dim=0), bias)
+    y = None if labels is None else labels.reshape(-1)
+    rows = linear_loss(
+        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_weight,
+        student_bias,
+        y,
+        source,
+        opts,
+        lin,
+        num_items_in_batch,
     )
+    return package(*rows, lead, reduction, return_components)
+
+
+def linear_loss(
+    s_hidden,
+    s_weight,
+    s_bias,
+    labels,
+    teacher,
+    opts: LossOptions,
+    lin: LinearOptions,
+    num_items_in_batch,
+):
+    """(loss, hard, soft) of validated [N, H] student hidden states, weight and
+    bias against a teacher: a SparseTeacher of N rows, [N, V] logits, or a
+    model's (hidden [N, Ht], weight, bias)."""
+    s = linear_logits(s_hidden, s_weight, s_bias, lin.student_softcap, lin.student_logit_scale)
+    if isinstance(teacher, SparseTeacher):
+        return sparse_loss(s, teacher, labels, opts, num_items_in_batch)
+    if isinstance(teacher, tuple):
+        with torch.no_grad():
+            teacher = linear_logits(*teacher, lin.teacher_softcap, lin.teacher_logit_scale)
+    return dense_loss(s, teacher.detach(), labels, opts, num_items_in_batch)
 
 
 def sparse_distill_loss(
@@ -306,8 +353,10 @@ def sparse_distill_loss(
     label_smoothing: float = 0.0,
     num_items_in_batch: int | torch.Tensor | None = None,
     return_components: bool = False,
+    offsets: torch.Tensor | None = None,
 ):
-    """The sparse-teacher loss of DESIGN.md section 6 in plain PyTorch.
+    """The sparse-teacher loss (docs/design.md, "The sparse teacher") in plain
+    PyTorch (``offsets``: ragged rows, as :class:`kdfused.SparseTeacher`'s).
 
     The teacher keeps ``indices [..., k]`` (-1 pads) with log-probabilities
     ``logprobs`` at ``store_temperature``. At the loss temperature T its kept
@@ -319,7 +368,7 @@ def sparse_distill_loss(
     section 1's over these k + 1 buckets; ``tail="renormalize"`` drops the
     tail bucket (forward KL only). The hard term is section 1's.
     """
-    validate_options(
+    opts = validate_options(
         temperature=temperature,
         alpha=alpha,
         divergence=divergence,
@@ -330,9 +379,8 @@ def sparse_distill_loss(
         backend="reference",
         label_smoothing=label_smoothing,
     )
-    validate_sparse_fields(indices, logprobs, tail, store_temperature)
-    _check_floating_student(student_logits)
-    teacher = SparseTeacher(indices, logprobs, tail, store_temperature)
+    teacher = SparseTeacher(indices, logprobs, tail, store_temperature, offsets=offsets)
+    validate_student_logits(student_logits)
     lead = student_logits.shape[:-1]
     validate_sparse_teacher(
         lead,
@@ -342,47 +390,41 @@ def sparse_distill_loss(
         teacher_vocab="exact",
         what=f"student_logits {tuple(student_logits.shape)}",
     )
-    _check_labels(labels, lead, student_logits.device, alpha=alpha, lead_of="logits")
+    check_labels(labels, lead, student_logits.device, alpha=alpha, lead_of="logits")
     validate_num_items(num_items_in_batch, reduction)
     vocab = student_logits.shape[-1]
-    check_sparse_indices(indices, vocab)
-    work = torch.promote_types(student_logits.dtype, logprobs.dtype)
-    out_dtype = torch.float64 if work == torch.float64 else torch.float32
-    s = student_logits.reshape(-1, vocab).to(work)
-    k = indices.shape[-1]
-    idx = indices.reshape(-1, k).to(torch.int64)
-    lp = logprobs.reshape(-1, k).to(work).detach()
+    y = None if labels is None else labels.reshape(-1)
+    rows = sparse_loss(
+        student_logits.reshape(-1, vocab), teacher.flatten(), y, opts, num_items_in_batch
+    )
+    return package(*rows, lead, reduction, return_components)
 
-    hard, counted = _hard_rows(s, labels, vocab, ignore_index, label_smoothing, out_dtype)
+
+def sparse_loss(student, teacher: SparseTeacher, labels, opts: LossOptions, num_items_in_batch):
+    """(loss, hard, soft) of validated [N, V] student logits against a sparse
+    teacher of N rows (its ids checked here) and [N] labels (or None)."""
+    vocab = student.shape[-1]
+    teacher = teacher.padded()  # ragged rows: the same rows padded
+    check_sparse_indices(teacher.indices, vocab)
+    work = torch.promote_types(student.dtype, teacher.logprobs.dtype)
+    out_dtype = torch.float64 if work == torch.float64 else torch.float32
+    s = student.to(work)
+    k = teacher.k
+    idx = teacher.indices.reshape(-1, k).to(torch.int64)
+    lp = teacher.logprobs.reshape(-1, k).to(work).detach()
+    hard, counted = _hard_rows(s, labels, vocab, opts.ignore_index, opts.label_smoothing, out_dtype)
     div = _sparse_divergence(
         s,
         idx,
         lp,
-        tail=tail,
-        store_temperature=store_temperature,
-        temperature=temperature,
-        divergence=divergence,
-        beta=beta,
+        tail=teacher.tail,
+        store_temperature=teacher.store_temperature,
+        temperature=opts.temperature,
+        divergence=opts.divergence,
+        beta=opts.beta,
     )
-    return _combine(
-        hard,
-        div,
-        counted,
-        lead=lead,
-        temperature=temperature,
-        alpha=alpha,
-        scale_by_t2=scale_by_t2,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        return_components=return_components,
-    )
-
-
-def _check_floating_student(x) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise TypeError("student_logits must be a floating-point tensor [..., V]")
-    if x.shape[-1] == 0:
-        raise ValueError(f"the vocabulary dim V must be > 0, got logits of shape {tuple(x.shape)}")
+    entropy = _entropy(s, opts.temperature) if opts.student_entropy else None
+    return _combine(hard, div, counted, opts, num_items_in_batch, entropy)
 
 
 def _sparse_divergence(s, idx, lp, *, tail, store_temperature, temperature, divergence, beta):

@@ -259,3 +259,18 @@ def test_module_and_components():
         "reference",
         "sparse",
     }
+
+
+def test_meta_tensors_give_shapes_without_a_rebuild_warning():
+    """Meta tensors (shape inference, e.g. a model built on the meta device)
+    take the reference, which gives the loss's shape and dtype; no warning
+    tells the user to rebuild what cannot have a meta kernel."""
+    import warnings
+
+    s = torch.randn(3, 7, 10, device="meta", requires_grad=True)
+    t = torch.randn(3, 7, 10, device="meta")
+    y = torch.zeros(3, 7, dtype=torch.long, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = kdfused.fused_distill_loss(s, t, y, reduction="none")
+    assert loss.device.type == "meta" and loss.shape == (3, 7) and loss.dtype == torch.float32

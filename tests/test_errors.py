@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md section 2 gets a clear error naming the argument."""
+"""Every bad input of docs/usage.md gets a clear error naming the argument."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from oracle import make_labels, make_logits
 
 import kdfused
-from kdfused import functional, ops
+from kdfused import ops
 
 S = make_logits((2, 3, 10))
 T = make_logits((2, 3, 10), seed=1)
@@ -94,7 +94,27 @@ BAD_CALLS = [
     ("not a tensor", (S.tolist(), T, Y), {}, TypeError, r"student_logits must be a torch.Tensor"),
     ("0-d logits", (S[0, 0, 0], T[0, 0, 0], None), {"alpha": 0.0}, ValueError, r"0-d"),
     ("V == 0", (S[..., :0], T[..., :0], Y), {}, ValueError, r"V must be > 0.*\(2, 3, 0\)"),
-    ("temperature 0", (S, T, Y), {"temperature": 0.0}, ValueError, r"temperature.*> 0, got 0.0"),
+    (
+        "temperature 0",
+        (S, T, Y),
+        {"temperature": 0.0},
+        ValueError,
+        r"temperature must lie in \[1e-06, 100\], got 0.0",
+    ),
+    (
+        "temperature above the range",
+        (S, T, Y),
+        {"temperature": 100.5},
+        ValueError,
+        r"temperature must lie in \[1e-06, 100\], got 100.5",
+    ),
+    (
+        "temperature below the range",
+        (S, T, Y),
+        {"temperature": 5e-7},
+        ValueError,
+        r"temperature must lie in \[1e-06, 100\]",
+    ),
     ("temperature < 0", (S, T, Y), {"temperature": -1}, ValueError, r"temperature.*got -1"),
     ("temperature inf", (S, T, Y), {"temperature": math.inf}, ValueError, r"temperature.*inf"),
     ("temperature nan", (S, T, Y), {"temperature": math.nan}, ValueError, r"temperature.*nan"),
@@ -182,13 +202,13 @@ def test_backend_device_mismatch():
 @pytest.mark.skipif(ops.has_kernel("cuda"), reason="this build has the CUDA kernel")
 def test_unbuilt_backend_says_how_to_build():
     with pytest.raises(RuntimeError, match=r"backend='cuda' is not built.*pip install"):
-        functional.choose_backend("cuda", torch.device("cuda"))
+        ops.choose_backend("cuda", torch.device("cuda"))
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(ops, "LOAD_ERROR", ImportError("simulated: no kdfused._C"))
     monkeypatch.setattr(ops, "BUILT_DEVICES", frozenset())
-    monkeypatch.setattr(functional, "_warned_fallback", False)
+    monkeypatch.setattr(ops, "_warned_fallback", False)
     with pytest.warns(RuntimeWarning, match=r"pure-PyTorch reference.*simulated"):
         got = kdfused.fused_distill_loss(S, T, Y)
     torch.testing.assert_close(got, kdfused.reference.distill_loss(S, T, Y))

@@ -1,5 +1,5 @@
 """The fused-linear loss (hidden states in, no N x V logits) against the
-float64 reference, which materialises the logits (DESIGN.md section 5)."""
+float64 reference, which materialises the logits (docs/design.md, "The fused-linear loss")."""
 
 import math
 
@@ -234,9 +234,11 @@ def test_default_chunk_size_follows_the_budget():
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_chunks_never_exceed_chunk_size(monkeypatch, chunk, softcap):
     """The kernel only ever sees one chunk of rows (no N x V logits exist), and
-    writes every chunk's gradient into one reused buffer: over the logits
-    themselves (the CPU kernel), or, with a student softcap (whose derivative
-    needs the logits after the kernel), into a buffer of its own."""
+    writes every chunk's gradient over the logits themselves (the CPU kernel),
+    or, with a student softcap (whose derivative needs the logits after the
+    kernel), into a buffer of its own, reused chunk after chunk. (float32 CPU
+    logits are a fresh tensor a chunk, from oneDNN, freed before the next: no
+    buffer of logits is reused there.)"""
     seen = []
     for name in ("distill_forward_out", "distill_forward_inplace"):
         real = getattr(ops, name)
@@ -264,7 +266,8 @@ def test_chunks_never_exceed_chunk_size(monkeypatch, chunk, softcap):
     assert [shape[0] for _, shape, *_ in seen] == [rows] * (74 // rows) + [74 % rows]
     assert all(op == expected_op for op, *_ in seen)
     assert all(s == t == g == (s[0], VOCAB) for _, s, t, g, _ in seen)
-    assert len({ptr for *_, ptr in seen}) == 1
+    if softcap or not fused_linear.ONEDNN_LINEAR:
+        assert len({ptr for *_, ptr in seen}) == 1
 
 
 def test_gradients_reach_lm_head_and_earlier_layers():
@@ -329,35 +332,6 @@ def test_no_grad_computes_loss_only(device, monkeypatch):
     loss.backward()
     assert hidden.grad is None and leaves["student_weight"].grad is not None
     assert calls == [("distill_forward_inplace", None)] * 2
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_compile_fullgraph(device, reduction):
-    """A compiled module that calls the loss: no graph break, eager's numbers."""
-    torch.manual_seed(0)
-    student = torch.nn.Linear(HS, VOCAB).to(device)
-    teacher = torch.nn.Linear(HT, VOCAB, bias=False).to(device)
-    loss_fn = kdfused.FusedLinearDistillLoss(reduction=reduction, chunk_size=8, student_softcap=3.0)
-    xs = torch.randn(2, 9, HS, device=device)
-    xt = torch.randn(2, 9, HT, device=device)
-    y = make_labels((2, 9), VOCAB, device=device)
-
-    def step(xs, xt, y):
-        loss = loss_fn(xs, student.weight, xt, teacher.weight, y, student.bias)
-        return loss.sum() * 1.5 if reduction == "none" else loss
-
-    def go(fn):
-        student.zero_grad()
-        loss = fn(xs, xt, y)
-        loss.backward()
-        return loss.detach(), student.weight.grad.clone(), student.bias.grad.clone()
-
-    eager = go(step)
-    torch._dynamo.reset()
-    compiled = go(torch.compile(step, fullgraph=True))
-    for a, b in zip(compiled, eager, strict=True):
-        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -434,7 +408,7 @@ BAD_CALLS = [
      reduction="none"), ValueError, r"num_items_in_batch replaces the batchmean divisor"),
     ("no teacher", (SH, SW, Y), dict(), ValueError, r"no teacher given"),
     ("two teachers", (SH, SW, Y), dict(teacher_hidden=TH, teacher_weight=TW, teacher_logits=TL),
-     ValueError, r"one source.*not both"),
+     ValueError, r"one source.*got teacher_hidden \+ teacher_weight and teacher_logits"),
     ("half a teacher", (SH, SW, Y), dict(teacher_hidden=TH), ValueError,
      r"teacher_weight is missing"),
     ("teacher bias alone", (SH, SW, Y), dict(teacher_logits=TL, teacher_bias=torch.zeros(VOCAB)),
@@ -497,3 +471,33 @@ def test_empty_batch():
     )
     loss.backward()
     assert loss.item() == 0 and h.grad.shape == (0, HS) and torch.all(w.grad == 0)
+
+
+def test_autocast_forms_the_logits_in_its_dtype():
+    """Under torch.autocast the loss is that of the inputs cast to the
+    autocast dtype (as the model's own lm_head matmul would be), and the
+    gradients reach the float32 leaves in float32."""
+    student, teacher, labels = make_problem(student_bias=True, teacher_bias=True)
+    leaves = {k: v.clone().requires_grad_() for k, v in student.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kdfused.fused_linear_distill_loss(
+            leaves["student_hidden"],
+            leaves["student_weight"],
+            labels,
+            student_bias=leaves["student_bias"],
+            **teacher,
+        )
+    got.backward()
+    cast = {k: v.clone().bfloat16().requires_grad_() for k, v in student.items()}
+    want = kdfused.fused_linear_distill_loss(
+        cast["student_hidden"],
+        cast["student_weight"],
+        labels,
+        student_bias=cast["student_bias"],
+        **{k: v.bfloat16() for k, v in teacher.items()},
+    )
+    want.backward()
+    assert torch.equal(got, want)
+    for name, leaf in leaves.items():
+        assert leaf.grad.dtype == torch.float32
+        torch.testing.assert_close(leaf.grad, cast[name].grad.float(), msg=name)

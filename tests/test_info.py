@@ -23,7 +23,7 @@ def test_build_info_reads_the_library():
     info = kdfused.build_info()
     assert info["compiled"] is True
     assert info["devices"] == sorted(ops.BUILT_DEVICES) and "cpu" in info["devices"]
-    # Built against the torch that imports it (DESIGN.md section 4).
+    # Built against the torch that imports it (docs/design.md, "Build").
     assert info["built_with_torch"] == torch.__version__.split("+")[0]
     assert info["cpu_isa"] in ("avx2", "default")
     if "cuda" in info["devices"]:

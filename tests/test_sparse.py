@@ -1,8 +1,9 @@
-"""The sparse teacher (DESIGN.md section 6): the fused kernel against the
+"""The sparse teacher (docs/design.md, "The sparse teacher"): the fused kernel against the
 float64 reference, top-k extraction, the safetensors store, and bad input."""
 
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -264,50 +265,6 @@ def test_no_grad_allocates_no_gradient():
     assert grad.numel() == 0
 
 
-def test_opcheck_and_compile():
-    s = make_logits((5, 40), seed=12)
-    teacher, _ = make_teacher((5,), 40, 6, pad_rows=(2,))
-    flat = teacher.flatten()
-    y = make_labels((5,), 40, "some")
-    args = (
-        s,
-        flat.indices,
-        flat.logprobs,
-        y,
-        torch.tensor(0.5),
-        2.0,
-        1.0,
-        "ghost",
-        0.5,
-        "forward_kl",
-        0.5,
-        -100,
-        True,
-        True,
-    )
-    torch.library.opcheck(torch.ops.kdfused.sparse_distill_forward.default, args)
-    torch.library.opcheck(torch.ops.kdfused.sparse_topk.default, (s, 4, 2.0))
-
-    torch.manual_seed(0)
-    student = torch.nn.Linear(8, 40)
-    x = torch.randn(5, 8)
-    loss_fn = kdfused.FusedDistillLoss()
-
-    def step(x):
-        return loss_fn(student(x), teacher, y)
-
-    def run(fn):
-        student.zero_grad()
-        loss = fn(x)
-        loss.backward()
-        return loss.detach(), student.weight.grad.clone()
-
-    eager = run(step)
-    torch._dynamo.reset()
-    compiled = run(torch.compile(step, fullgraph=True))
-    torch.testing.assert_close(compiled, eager)
-
-
 # ---- top-k ------------------------------------------------------------------
 
 
@@ -358,6 +315,48 @@ def test_topk_k_equal_vocab_and_masked():
         sparse.topk(t, 34)
 
 
+def _nan_rows(device, dtype=torch.float32):
+    """Rows with a NaN: one among numbers, all NaN, fewer numbers than k."""
+    t = make_logits((4, 50), dtype, device, seed=16)
+    t[0, 7] = float("nan")
+    t[1] = float("nan")
+    t[2] = float("nan")
+    t[2, 30], t[2, 9] = 2.0, 1.0
+    return t
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_of_a_nan_row_is_nan(device, dtype):
+    """A row with a NaN logit has NaN log-probs and k valid, distinct ids: the
+    top k of its numbers, then its NaN ids lowest first (a row of numbers is
+    untouched); so the loss on it is NaN, as the dense loss is."""
+    t = _nan_rows(device, dtype)
+    got = sparse.topk(t, 4)
+    ids, lp = got.indices.cpu(), got.logprobs.cpu()
+    assert torch.isnan(lp[:3]).all() and torch.isfinite(lp[3]).all()
+    top = torch.where(torch.isnan(t[0].float()), -math.inf, t[0].float()).cpu()
+    assert ids[0].tolist() == torch.sort(top, descending=True, stable=True).indices[:4].tolist()
+    assert ids[1].tolist() == [0, 1, 2, 3]
+    assert ids[2].tolist() == [30, 9, 0, 1]
+    idx, values = _torch_topk(t[3:].cpu(), 4, 1.0)
+    assert torch.equal(ids[3:], idx)
+    s = make_logits((4, 50), device=device, seed=17).requires_grad_()
+    for teacher in (got, sparse.topk(t, 4, top_p=0.5)):
+        loss = kdfused.fused_distill_loss(s, teacher, None, alpha=0.0, reduction="none")
+        dense = kdfused.fused_distill_loss(s, t.float(), None, alpha=0.0, reduction="none")
+        assert torch.equal(torch.isnan(loss), torch.isnan(dense))
+        assert torch.isnan(loss[:3]).all() and torch.isfinite(loss[3])
+
+
+def test_top_p_of_a_nan_row_keeps_k():
+    """top_p: a NaN row never reaches the mass, so it keeps all k (NaN)."""
+    got = sparse.topk(_nan_rows("cpu"), 4, top_p=0.5)
+    assert got.lengths().tolist()[:3] == [4, 4, 4]
+    assert torch.isnan(got.logprobs[:12]).all()
+    assert got[2:3].indices.tolist() == [30, 9, 0, 1]
+
+
 # ---- the store ----------------------------------------------------------------
 
 # The store's tests need its optional dependency (pip install 'kdfused[store]').
@@ -378,12 +377,12 @@ def test_save_load_round_trip(tmp_path, dtype):
     assert len(store) == 60 and store.store_temperature == 2.0
     flat = teacher.flatten()
     for a, b in ((0, 60), (5, 37), (16, 32), (59, 60), (30, 30)):
-        part = store[a:b]
-        assert part.indices.dtype == torch.int32 and part.logprobs.dtype == dtype
-        assert torch.equal(part.indices.long(), flat.indices[a:b])
-        assert torch.equal(part.logprobs, flat.logprobs[a:b].to(dtype))  # bit-exact
+        part = store[a:b]  # ragged rows, 2-byte ids (V = 500)
+        assert part.indices.dtype == torch.uint16 and part.logprobs.dtype == dtype
+        assert torch.equal(part.padded(8).indices, flat.indices[a:b])
+        assert torch.equal(part.padded(8).logprobs, flat.logprobs[a:b].to(dtype))  # bit-exact
     loaded = sparse.load(tmp_path / "store", rows=range(5, 37))
-    assert torch.equal(loaded.logprobs, flat.logprobs[5:37].to(dtype))
+    assert torch.equal(loaded.padded(8).logprobs, flat.logprobs[5:37].to(dtype))
 
 
 @needs_safetensors
@@ -395,7 +394,7 @@ def test_shard_writer_streams(tmp_path):
             writer.write(batch)
     store = sparse.SparseStore(tmp_path / "s")
     want = torch.cat([b.indices for b in batches])
-    assert torch.equal(store[0:31].indices.long(), want)
+    assert torch.equal(store[0:31].padded(4).indices, want)
     assert len(list((tmp_path / "s").glob("shard-*.safetensors"))) == 4
 
 
@@ -498,7 +497,7 @@ def test_bad_arguments():
         kdfused.fused_distill_loss(s[:2], teacher, None, alpha=0.0)
     with pytest.raises(ValueError, match="teacher_vocab"):
         kdfused.fused_distill_loss(s, teacher, None, alpha=0.0, teacher_vocab="truncate")
-    with pytest.raises(TypeError, match="int32 or int64"):
+    with pytest.raises(TypeError, match="int32, int64 or uint16"):
         SparseTeacher(teacher.indices.float(), teacher.logprobs)
     with pytest.raises(ValueError, match="same shape"):
         SparseTeacher(teacher.indices[:, :3], teacher.logprobs)
@@ -575,3 +574,24 @@ def test_fused_linear_sparse_teacher(device, divergence, reduction, dtype):
     )
     again = module(h, w, None, None, y, student_bias=b, teacher_logits=teacher)
     torch.testing.assert_close(again, out.loss, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [1, 3])
+def test_student_rows_off_a_pack_boundary(device, offset):
+    """Student rows that start off a 16-byte boundary (a view at an odd
+    storage offset) while the gradient, a new tensor, starts on one: on CUDA
+    the gradient's packed stores give way to single ones there. The numbers
+    are the contiguous copy's."""
+    n, vocab = 4, 2056
+    base = make_logits((n * vocab + 8,), torch.bfloat16, device=device, seed=171)
+    s = base[offset : offset + n * vocab].view(n, vocab)
+    teacher, _ = make_teacher((n,), vocab, 13, device=device)
+    y = make_labels((n,), vocab, "some", device=device)
+    leaf = s.detach().requires_grad_()
+    assert leaf.storage_offset() == offset
+    loss = kdfused.fused_distill_loss(leaf, teacher, y, temperature=2.0)
+    loss.backward()
+    out_c, grad_c = run_sparse(s.clone(), teacher, y, temperature=2.0)
+    torch.testing.assert_close(loss, out_c.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(leaf.grad, grad_c)
