@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sysconfig
 import time
 import zlib
@@ -311,34 +310,36 @@ def prepare_data(args, cache: Path, progress: bool):
 # ----------------------------------------------------------------------------- runs
 
 
-def write_store(teacher, train_w, path: Path, *, k: int, batch_size: int, progress: bool):
-    """The teacher's top-k log-probabilities (temperature 1) at every position
-    of every whole batch of training windows, in window order, as a
-    kdfused.sparse store at `path`. Returns the seconds taken."""
-    from tqdm.auto import tqdm
+def write_store(
+    teacher, train_w, path: Path, *, k: int, batch_size: int, progress: bool, top_p=None
+) -> dict:
+    """The teacher's top-k (top-p) log-probabilities (temperature 1) at every
+    position of every whole batch of training windows, in window order, as a
+    kdfused.sparse store at `path`, by the store CLI's build
+    (kdfused.store.build_store): a store whose build was interrupted
+    continues. Returns the build's measurements (seconds, tokens/s and the
+    shares of the model, top-k and writing)."""
+    from .store import build_store
 
-    begin = time.perf_counter()
-    vocab = teacher.lm_head.weight.shape[0]
     n = len(train_w) // batch_size * batch_size
-    tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    with kdfused.sparse.ShardWriter(tmp, vocab_size=vocab, k=k, store_temperature=1.0) as writer:
-        with torch.no_grad():
-            for i in tqdm(
-                range(0, n, batch_size), desc="teacher top-k store", disable=not progress
-            ):
-                w = train_w[i : i + batch_size]
-                logits = teacher.lm_head(hidden_states(teacher, w[:, :-1]))
-                writer.write(kdfused.sparse.topk(logits.flatten(0, 1), k, temperature=1.0))
-    seconds = time.perf_counter() - begin
-    (tmp / "kdfused-store.json").write_text(json.dumps(dict(seconds=seconds)))
-    os.replace(tmp, path)
-    return seconds
+    report = build_store(
+        teacher,
+        train_w[:n],
+        path,
+        k=k,
+        top_p=top_p,
+        temperature=1.0,
+        batch_size=batch_size,
+        progress=progress,
+        resume=(path / "journal.json").exists(),
+    )
+    (path / "kdfused-store.json").write_text(json.dumps(report))
+    return report
 
 
 def store_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir())
+    """The store's shards and index on disk (what a student reads)."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
 @dataclass
@@ -352,7 +353,7 @@ class Run:
     loss: object
 
 
-def student_runs(args, teacher, train_w, store) -> list[Run]:
+def student_runs(args, teacher, train_w, stores: dict) -> list[Run]:
     B, L = args.batch_size, args.seq_len
     distill = kdfused.FusedLinearDistillLoss(
         temperature=args.temperature, alpha=args.alpha, divergence=args.divergence
@@ -365,8 +366,8 @@ def student_runs(args, teacher, train_w, store) -> list[Run]:
     def online(model, h, y, t_hidden):
         return distill(h, model.lm_head.weight, t_hidden, teacher.lm_head.weight, y)
 
-    def stored(b):
-        return store[b * B * L : (b + 1) * B * L]
+    def stored_in(store):
+        return lambda b: store[b * B * L : (b + 1) * B * L]
 
     def offline(model, h, y, top_k):
         # The store's rows are the flattened positions: flatten the student's too.
@@ -377,7 +378,7 @@ def student_runs(args, teacher, train_w, store) -> list[Run]:
     return [
         Run("ce", lambda b: None, next_token_ce),
         Run("online", teacher_hidden, online),
-        Run(f"offline top-{args.k}", stored, offline),
+        *(Run(name, stored_in(st), offline) for name, st in stores.items()),
     ]
 
 
@@ -458,22 +459,33 @@ def main(argv=None) -> dict:
     teacher.requires_grad_(False)
     t_bpb = evaluate(teacher)
 
-    # The teacher's top-k store over the training windows, cached with it.
-    store_dir = cache / f"store-{t_key}-k{args.k}"
-    if store_dir.exists():
-        store_seconds = json.loads((store_dir / "kdfused-store.json").read_text())["seconds"]
-    else:
-        store_seconds = write_store(
-            teacher, train_w, store_dir, k=args.k, batch_size=B, progress=progress
-        )
-    store = kdfused.sparse.SparseStore(store_dir, vocab_size=vocab, k=args.k)
+    # The teacher's top-k store over the training windows (and with --top-p a
+    # ragged top-p one), cached with it.
+    stores, builds = {}, {}
+    for top_p in (None, args.top_p) if args.top_p is not None else (None,):
+        name = f"offline top-{args.k}" + ("" if top_p is None else f", top-p {top_p}")
+        suffix = "" if top_p is None else f"-p{top_p}"
+        store_dir = cache / f"store-v3-{t_key}-k{args.k}{suffix}"
+        if (store_dir / "index.json").exists():
+            builds[name] = json.loads((store_dir / "kdfused-store.json").read_text())
+        else:
+            builds[name] = write_store(
+                teacher,
+                train_w,
+                store_dir,
+                k=args.k,
+                batch_size=B,
+                progress=progress,
+                top_p=top_p,
+            )
+        stores[name] = kdfused.sparse.SparseStore(store_dir, vocab_size=vocab, k=args.k)
 
     # The students: one initialisation, one batch plan for all three runs.
     s_shape = ModelShape(args.student_layers, args.student_width, args.student_heads)
     init = build_model(s_shape, vocab, L, args.seed + 2)
     plan = blocks(len(train_w), B, args.steps, args.seed + 2)
     results = []
-    for run in student_runs(args, teacher, train_w, store):
+    for run in student_runs(args, teacher, train_w, stores):
 
         def step_loss(model, b, run=run):
             w = train_w[b * B : (b + 1) * B]
@@ -502,25 +514,27 @@ def main(argv=None) -> dict:
         results,
         teacher_bpb=t_bpb,
         teacher_info=t_info,
-        store=store,
-        store_dir=store_dir,
-        store_seconds=store_seconds,
+        stores=stores,
+        builds=builds,
         out=out,
     )
-    return dict(teacher_bpb=t_bpb, runs=results, store_dir=str(store_dir))
+    return dict(
+        teacher_bpb=t_bpb, runs=results, store_dirs={n: str(s.path) for n, s in stores.items()}
+    )
 
 
-def report(args, results, *, teacher_bpb, teacher_info, store, store_dir, store_seconds, out):
+def report(args, results, *, teacher_bpb, teacher_info, stores, builds, out):
     """Prints the table, writes it (markdown and JSON) and the PNG under `out`."""
-    size = store_bytes(store_dir)
+    sizes = {name: store_bytes(store.path) for name, store in stores.items()}
     lines = [
         "| run | held-out bits/byte | train time | loss-step peak | teacher on disk |",
         "|---|---|---|---|---|",
     ]
     for r in results:
         disk = "-"
-        if r["run"].startswith("offline"):
-            disk = f"{size / 2**20:.1f} MiB ({size / len(store):.0f} B/token)"
+        if r["run"] in stores:
+            size, rows = sizes[r["run"]], len(stores[r["run"]])
+            disk = f"{size / 2**20:.1f} MiB ({size / rows:.0f} B/token)"
         mib = r["loss_step_bytes"] / 2**20
         lines.append(
             f"| student, {r['run']} | {r['bpb']:.4f} | {r['seconds']:.1f} s | {mib:.1f} MiB "
@@ -541,9 +555,15 @@ def report(args, results, *, teacher_bpb, teacher_info, store, store_dir, store_
         teacher_bpb=teacher_bpb,
         teacher=teacher_info,
         runs=results,
-        store_bytes=size,
-        store_rows=len(store),
-        store_seconds=store_seconds,
+        stores={
+            name: dict(
+                bytes=sizes[name],
+                rows=len(store),
+                entries=store.entries,
+                build=builds[name],
+            )
+            for name, store in stores.items()
+        },
     )
     (out / "lm_demo.json").write_text(json.dumps(saved, indent=1))
     plot(results, teacher_bpb, out / "lm_demo.png")
@@ -596,6 +616,12 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label term")
     p.add_argument("--divergence", choices=DIVERGENCES, default="forward_kl")
     p.add_argument("--k", type=int, default=32, help="top-k entries stored per token")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="also train from a ragged store of the top-k's shortest prefix reaching this mass",
+    )
     p.add_argument("--eval-windows", type=int, default=128)
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--eval-every", type=int, default=20)
