@@ -5,7 +5,7 @@
 # Liger-Kernel, the fused-linear loss against Liger-Kernel's
 # LigerFusedLinearJSDLoss and the matmuls alone, ncu's view of the kernel, and
 # a sweep over V and N. Everything lands under $OUT: gpu_check.log (all
-# output), pytest.log, bench.md, bench.csv, linear.{csv,md}, options.txt, sparse.txt,
+# output), pytest.log, bench.md, bench.csv, linear.{csv,md}, options.txt, sparse.txt, trl.txt,
 # split<k>.{csv,md} (KDFUSED_CUDA_SPLIT = k), ncu.txt and ncu-split8.txt. Each stage has its own time limit; about 5 minutes when all
 # goes well.
 #
@@ -101,6 +101,21 @@ stage "sparse teacher: step with the top 64 against the dense step, top-k agains
 timeout 90 python3 -m benchmarks.sparse --device cuda --dtype bfloat16 --sizes 8192x128256 \
   --k 64 --reps 9 --no-eager | tee "$out/sparse.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "-- ragged rows (lengths uniform in [1, 64]) against fixed rows of the mean length and of 64"
+timeout 90 python3 -m benchmarks.sparse --device cuda --dtype bfloat16 --sizes 8192x128256 \
+  --k 64 --reps 9 --no-eager --ragged | tee -a "$out/sparse.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+stage "trainers: TRL's DistillationTrainer loss step, its own path against kdfused.trl's (bf16, V 151936)"
+# Needs trl, transformers, accelerate and datasets importable (wheels in .whl/).
+if python3 -c "import trl, transformers, accelerate, datasets" 2> /dev/null; then
+  timeout 120 python3 -m benchmarks.trainers trl --device cuda --dtype bfloat16 --vocab 151936 \
+    --student-hidden 896 --teacher-hidden 1536 --batch 8 --completion 512 --reps 5 \
+    | tee "$out/trl.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "skipped: trl, transformers, accelerate or datasets cannot be imported here"
+fi
 
 stage "row split (KDFUSED_CUDA_SPLIT = blocks per row): 8192 x 128256, one CSV per split"
 for k in 1 2 4 8 16; do

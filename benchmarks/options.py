@@ -1,4 +1,4 @@
-"""What two options of DESIGN.md section 8 cost: kdfused's full step by
+"""What two options of docs/usage.md cost: kdfused's full step by
 default, with label smoothing, and with a padded teacher read in place
 (teacher_vocab="truncate"), the three taking turns run by run in one process
 (this machine is noisy; ratios from turns are steadier than from runs).

@@ -1,4 +1,4 @@
-"""The vocab-parallel loss (DESIGN.md section 7): the full step on W ranks,
+"""The vocab-parallel loss (docs/design.md, "Vocab-parallel"): the full step on W ranks,
 each with its shard of the vocabulary, next to W = 1, and what crosses
 between the ranks against what an all-gather of the logits would move.
 

@@ -1,7 +1,7 @@
 """The losses the benchmarks compare: kdfused, and what a user would write instead.
 
 Every provider computes the same loss as ``kdfused.fused_distill_loss`` with
-``reduction="batchmean"`` (DESIGN.md section 1) and returns a float32 scalar.
+``reduction="batchmean"`` (docs/design.md, "The loss") and returns a float32 scalar.
 """
 
 from __future__ import annotations

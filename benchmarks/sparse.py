@@ -1,4 +1,4 @@
-"""The sparse teacher (DESIGN.md section 6): what training from stored top-k
+"""The sparse teacher (docs/design.md, "The sparse teacher"): what training from stored top-k
 costs next to the dense teacher, what extracting the top k costs next to
 PyTorch, and what the store takes on disk.
 
@@ -13,6 +13,11 @@ one process (ratios from turns are steadier on a noisy machine):
   on its own. Median time, ratio to the dense step, and the peak memory
   growth of one step in N x V buffers of the student's dtype (the gradient
   alone is 1).
+- ragged (--ragged): the sparse step from ragged rows (row lengths uniform
+  in [1, k], mean m; int64 ids and float32 log-probs, and the uint16 /
+  float16 entries a store gives; and padded first, as before the kernel
+  read them in place) against fixed rows of k = round(m) and of k, in
+  turns: what rows of uneven length cost.
 - top-k: kdfused.sparse.topk against torch.topk(torch.log_softmax(t / T), k).
 - store: bytes per token on disk (a store of the N rows written with
   float16 log-probs), against k * 6 and the V * 2 of bf16 logits.
@@ -78,6 +83,49 @@ def step_cases(n, v, k, dtype, device, warmup, reps, with_eager=True):
     ]
 
 
+def ragged_cases(n, v, k, dtype, device, warmup, reps, seed=0):
+    """[(case, median seconds, peak growth in N x V buffers)]: the sparse step
+    from ragged rows of lengths uniform in [1, k] and from fixed rows of
+    k = round(mean length) and of k, in turns."""
+    inputs = make_inputs(n, v, dtype, device)
+    student, teacher_logits, labels = inputs
+    top = sparse_teacher(teacher_logits, k, 2.0)
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, k + 1, (n,), generator=g).to(device)
+    keep = torch.arange(k, device=device)[None, :] < lengths[:, None]
+    offsets = torch.zeros(n + 1, dtype=torch.int64, device=device)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    ragged = sparse.SparseTeacher(
+        top.indices[keep], top.logprobs[keep], "ghost", 2.0, offsets=offsets
+    )
+    stored = sparse.SparseTeacher(
+        ragged.indices.to(torch.int32 if v > 65536 else torch.uint16),
+        ragged.logprobs.half(),
+        "ghost",
+        2.0,
+        offsets=offsets,
+    )
+    m = round(float(lengths.double().mean()))
+    fixed_m = sparse_teacher(teacher_logits, m, 2.0)
+    loss_fn = kdfused.FusedDistillLoss(temperature=2.0)
+    cases = [
+        (f"ragged rows (mean {m}), int64 / float32", ragged),
+        (f"ragged rows (mean {m}), {stored.indices.dtype} / float16", stored),
+        (f"fixed k={m}", fixed_m),
+        (f"fixed k={k}", top),
+    ]
+    fns = [(lambda s, t, y, teacher=teacher: loss_fn(s, teacher, y)) for _, teacher in cases]
+    # The path before the kernel read ragged rows: an int64 [N, longest] copy each step.
+    cases.insert(2, (f"ragged rows (mean {m}), padded first", None))
+    fns.insert(2, lambda s, t, y: loss_fn(s, ragged.padded(), y))
+    results = bench_cases([(fn, "full") for fn in fns], inputs, device, warmup, reps, True)
+    nv = n * v * student.element_size()
+    return [
+        (name, seconds, peak / nv)
+        for (name, _), (seconds, peak) in zip(cases, results, strict=True)
+    ]
+
+
 def topk_cases(n, v, k, dtype, device, warmup, reps):
     """[(case, median seconds, peak growth in N x V buffers of the logits' dtype)]."""
     logits = make_inputs(n, v, dtype, device)[1]
@@ -124,6 +172,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--no-eager", action="store_true", help="skip the eager reference")
+    parser.add_argument(
+        "--ragged", action="store_true", help="only ragged rows against fixed k (the step)"
+    )
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]
     print(
@@ -133,6 +184,17 @@ def main(argv=None):
     )
     rows = []
     for n, v in parse_sizes(args.sizes):
+        if args.ragged:
+            cases = ragged_cases(n, v, args.k, dtype, args.device, args.warmup, args.reps)
+            base = cases[-1][1]
+            for name, seconds, peak in cases:
+                rows.append(("ragged", n, v, name, seconds, seconds / base, peak))
+                print(
+                    f"{n}x{v} step  {name}: {seconds * 1e3:.1f} ms, {seconds / base:.3f}x "
+                    f"fixed k={args.k}, peak growth {peak:.2f} N x V",
+                    flush=True,
+                )
+            continue
         steps = step_cases(
             n, v, args.k, dtype, args.device, args.warmup, args.reps, not args.no_eager
         )
