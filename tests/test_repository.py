@@ -76,3 +76,37 @@ def test_the_patterns_catch_what_they_are_for():
         assert pattern.search(line), line
     for line in ("the student's gradient", "a silent failure", "lentil", "borrowed"):
         assert not pattern.search(line), line
+
+
+# A reference to a section of the docs: `docs/design.md, "The loss"`.
+SECTION_REF = re.compile(r'(docs/(?:design|usage)\.md), "([^"]+)"')
+
+
+def _headings(doc: Path) -> set[str]:
+    return {
+        line.lstrip("#").strip()
+        for line in doc.read_text(encoding="utf-8").splitlines()
+        if line.startswith("#")
+    }
+
+
+def test_every_docs_reference_names_a_real_section():
+    """Code, docs and error messages point into docs/design.md and
+    docs/usage.md by section title; each title must be a heading there, and
+    nothing may point to a design file the repository does not hold."""
+    headings = {doc: _headings(ROOT / doc) for doc in ("docs/design.md", "docs/usage.md")}
+    bad, refs = [], 0
+    for name in tracked_text_files():
+        path = ROOT / name
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            if "DESIGN.md" in line:
+                bad.append(f"{name}:{number}: points to DESIGN.md, not in the repository")
+            for doc, title in SECTION_REF.findall(line):
+                refs += 1
+                if title not in headings[doc]:
+                    bad.append(f'{name}:{number}: {doc} has no section "{title}"')
+    assert refs > 10, "the references were not found: has their form changed?"
+    assert not bad, "\n".join(bad)
