@@ -21,6 +21,13 @@ one process (ratios from turns are steadier on a noisy machine):
 - top-k: kdfused.sparse.topk against torch.topk(torch.log_softmax(t / T), k).
 - store: bytes per token on disk (a store of the N rows written with
   float16 log-probs), against k * 6 and the V * 2 of bf16 logits.
+- checksum (--checksum): what the store's per-shard checksums cost. A store
+  of one full shard (65536 rows by default, top k of random logits) is
+  written; then, in turns, a training step (FusedDistillLoss forward and
+  backward) on N rows read from a store opened afresh (the step that first
+  reads the shard, so it checks the shard's checksum) and on N rows of a
+  store whose shard is already checked; and SparseStore.verify() over the
+  whole store in MB/s (the shard's pages in the page cache).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -163,6 +171,60 @@ def store_bytes(n, v, k, device) -> float:
     return total / n
 
 
+def checksum_cases(n, v, k, device, reps, shard_rows=1 << 16):
+    """(first-read step s, checked step s, steps per shard, verify MB/s, store bytes):
+    medians of reps, the two steps in turns."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "store"
+        g = torch.Generator().manual_seed(0)
+        with sparse.ShardWriter(
+            path, vocab_size=v, k=k, store_temperature=2.0, shard_rows=shard_rows
+        ) as writer:
+            for start in range(0, shard_rows, n):
+                rows = min(n, shard_rows - start)
+                logits = torch.randn(rows, v, generator=g) * 4
+                writer.write(sparse_teacher(logits.to(device), k, 2.0))
+        size = sum(f.stat().st_size for f in path.iterdir())
+        student = torch.randn(n, v, generator=g, device="cpu").to(device).requires_grad_()
+        labels = torch.randint(0, v, (n,), generator=g).to(device)
+        loss_fn = kdfused.FusedDistillLoss(temperature=2.0)
+        checked = sparse.SparseStore(path, vocab_size=v)
+        checked[0:1]  # its shard's checksum is checked here, once
+
+        def step(store):
+            teacher = store[0:n]
+            teacher = sparse.SparseTeacher(
+                teacher.indices.to(device),
+                teacher.logprobs.to(device),
+                teacher.tail,
+                teacher.store_temperature,
+                offsets=None if teacher.offsets is None else teacher.offsets.to(device),
+            )
+            loss_fn(student, teacher, labels).backward()
+            student.grad = None
+
+        timer = Timer(device)
+        first, warm, verify = [], [], []
+        for i in range(reps + 1):
+            fresh = timer(lambda: step(sparse.SparseStore(path, vocab_size=v)))
+            again = timer(lambda: step(checked))
+            store = sparse.SparseStore(path, vocab_size=v)
+            begin = time.perf_counter()
+            assert store.verify()
+            seconds = time.perf_counter() - begin
+            if i:  # the first turn warms up
+                first.append(fresh)
+                warm.append(again)
+                verify.append(seconds)
+        return (
+            statistics.median(first),
+            statistics.median(warm),
+            shard_rows / n,
+            size / statistics.median(verify) / 1e6,
+            size,
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -175,6 +237,14 @@ def main(argv=None):
     parser.add_argument(
         "--ragged", action="store_true", help="only ragged rows against fixed k (the step)"
     )
+    parser.add_argument(
+        "--checksum",
+        action="store_true",
+        help="only the cost of the store's checksums (a step's first read, verify())",
+    )
+    parser.add_argument(
+        "--shard-rows", type=int, default=1 << 16, help="--checksum: the store's rows a shard"
+    )
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]
     print(
@@ -184,6 +254,21 @@ def main(argv=None):
     )
     rows = []
     for n, v in parse_sizes(args.sizes):
+        if args.checksum:
+            first, warm, per_shard, rate, size = checksum_cases(
+                n, v, args.k, args.device, args.reps, args.shard_rows
+            )
+            amortised = (first - warm) / per_shard
+            rows.append(("checksum", n, v, "first read", first, first / warm, None))
+            rows.append(("checksum", n, v, "verify MB/s", rate, None, None))
+            print(
+                f"{n}x{v} checksum: step that first reads a shard {first * 1e3:.1f} ms, "
+                f"step from a checked shard {warm * 1e3:.1f} ms ({first / warm - 1:+.1%}); "
+                f"one shard is {per_shard:.0f} steps: {amortised / warm:+.2%} a step amortised; "
+                f"verify() {rate:.0f} MB/s over {size / 1e6:.1f} MB",
+                flush=True,
+            )
+            continue
         if args.ragged:
             cases = ragged_cases(n, v, args.k, dtype, args.device, args.warmup, args.reps)
             base = cases[-1][1]

@@ -159,3 +159,25 @@ def test_parallel_benchmark_runs(capsys):
     assert [r[3] for r in rows] == [1, 2] and all(r[4] > 0 for r in rows)
     assert rows[1][5:] == (56, 2 * 100 * 4)  # (12 + 2) floats vs the other shard, both models
     assert "a logits all-gather 800" in capsys.readouterr().out
+
+
+def test_sparse_benchmark_checksum_and_ragged(capsys):
+    """benchmarks/sparse.py --checksum and --ragged at a small size: every case
+    timed; the first-read step and verify() measured; ragged rows named
+    against fixed k."""
+    pytest.importorskip("safetensors")
+    from benchmarks import sparse as sparse_bench
+
+    rows = sparse_bench.main(
+        ["--device", "cpu", "--sizes", "64x500", "--k", "8", "--reps", "1", "--checksum"]
+        + ["--shard-rows", "256"]
+    )
+    assert [r[3] for r in rows] == ["first read", "verify MB/s"]
+    assert all(r[4] > 0 for r in rows)
+    assert "steps: " in capsys.readouterr().out
+    rows = sparse_bench.main(
+        ["--device", "cpu", "--sizes", "64x500", "--k", "8", "--reps", "1", "--warmup", "0"]
+        + ["--ragged"]
+    )
+    assert len(rows) == 5 and rows[-1][3] == "fixed k=8" and rows[-1][5] == 1.0
+    assert all(r[4] > 0 for r in rows)
