@@ -23,11 +23,12 @@ one process (ratios from turns are steadier on a noisy machine):
   float16 log-probs), against k * 6 and the V * 2 of bf16 logits.
 - checksum (--checksum): what the store's per-shard checksums cost. A store
   of one full shard (65536 rows by default, top k of random logits) is
-  written; then, in turns, a training step (FusedDistillLoss forward and
-  backward) on N rows read from a store opened afresh (the step that first
-  reads the shard, so it checks the shard's checksum) and on N rows of a
-  store whose shard is already checked; and SparseStore.verify() over the
-  whole store in MB/s (the shard's pages in the page cache).
+  written; then, in turns, a training step (reading N rows, FusedDistillLoss
+  forward and backward) from a store opened afresh (the step that first reads
+  the shard, so it checks the shard's checksum) and from a store whose shard
+  is already checked, the reads timed on their own; and
+  SparseStore.verify() over the whole store in MB/s (the shard's pages in
+  the page cache).
 """
 
 from __future__ import annotations
@@ -172,8 +173,10 @@ def store_bytes(n, v, k, device) -> float:
 
 
 def checksum_cases(n, v, k, device, reps, shard_rows=1 << 16):
-    """(first-read step s, checked step s, steps per shard, verify MB/s, store bytes):
-    medians of reps, the two steps in turns."""
+    """(fresh read s, checked read s, step s, steps per shard, verify MB/s, store bytes):
+    medians of reps, in turns. A read is store[0:n]; the step is that read and
+    the loss's forward and backward. The step varies by more than the
+    checksum costs, so the reads are timed on their own too."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "store"
         g = torch.Generator().manual_seed(0)
@@ -192,33 +195,33 @@ def checksum_cases(n, v, k, device, reps, shard_rows=1 << 16):
         checked[0:1]  # its shard's checksum is checked here, once
 
         def step(store):
-            teacher = store[0:n]
-            teacher = sparse.SparseTeacher(
-                teacher.indices.to(device),
-                teacher.logprobs.to(device),
-                teacher.tail,
-                teacher.store_temperature,
-                offsets=None if teacher.offsets is None else teacher.offsets.to(device),
-            )
+            """(seconds to read the rows, seconds of the whole step)."""
+            begin = time.perf_counter()
+            teacher = store[0:n].to(device)
+            read = time.perf_counter() - begin
             loss_fn(student, teacher, labels).backward()
             student.grad = None
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return read, time.perf_counter() - begin
 
-        timer = Timer(device)
-        first, warm, verify = [], [], []
+        fresh_reads, checked_reads, steps, verify = [], [], [], []
         for i in range(reps + 1):
-            fresh = timer(lambda: step(sparse.SparseStore(path, vocab_size=v)))
-            again = timer(lambda: step(checked))
+            fresh = step(sparse.SparseStore(path, vocab_size=v))
+            again = step(checked)
             store = sparse.SparseStore(path, vocab_size=v)
             begin = time.perf_counter()
             assert store.verify()
             seconds = time.perf_counter() - begin
             if i:  # the first turn warms up
-                first.append(fresh)
-                warm.append(again)
+                fresh_reads.append(fresh[0])
+                checked_reads.append(again[0])
+                steps += [fresh[1], again[1]]
                 verify.append(seconds)
         return (
-            statistics.median(first),
-            statistics.median(warm),
+            statistics.median(fresh_reads),
+            statistics.median(checked_reads),
+            statistics.median(steps),
             shard_rows / n,
             size / statistics.median(verify) / 1e6,
             size,
@@ -255,17 +258,18 @@ def main(argv=None):
     rows = []
     for n, v in parse_sizes(args.sizes):
         if args.checksum:
-            first, warm, per_shard, rate, size = checksum_cases(
+            fresh, checked, step, per_shard, rate, size = checksum_cases(
                 n, v, args.k, args.device, args.reps, args.shard_rows
             )
-            amortised = (first - warm) / per_shard
-            rows.append(("checksum", n, v, "first read", first, first / warm, None))
+            extra = fresh - checked
+            rows.append(("checksum", n, v, "first read", fresh, extra / step, None))
             rows.append(("checksum", n, v, "verify MB/s", rate, None, None))
             print(
-                f"{n}x{v} checksum: step that first reads a shard {first * 1e3:.1f} ms, "
-                f"step from a checked shard {warm * 1e3:.1f} ms ({first / warm - 1:+.1%}); "
-                f"one shard is {per_shard:.0f} steps: {amortised / warm:+.2%} a step amortised; "
-                f"verify() {rate:.0f} MB/s over {size / 1e6:.1f} MB",
+                f"{n}x{v} checksum: reading {n} rows {fresh * 1e3:.1f} ms from a shard read "
+                f"first (its checksum checked), {checked * 1e3:.1f} ms from a checked one; "
+                f"the step {step * 1e3:.1f} ms: {extra / step:+.1%} on the step that first "
+                f"reads a shard, one in {per_shard:.0f} steps: {extra / per_shard / step:+.2%} "
+                f"a step amortised; verify() {rate:.0f} MB/s over {size / 1e6:.1f} MB",
                 flush=True,
             )
             continue
